@@ -1,0 +1,35 @@
+"""rlloss: exact, fast loss functions for reinforcement learning on language models.
+
+Every public function validates its inputs once and dispatches on ``backend``:
+``"torch"`` (the PyTorch reference, the readable spec), ``"triton"`` (fused kernels), or
+``"auto"`` (Triton on CUDA tensors when triton imports, otherwise the reference).
+"""
+
+from . import recipes
+from .advantages import group_advantages
+from .aggregation import masked_mean
+from .kl import k3_kl, kl_estimate
+from .loss import PolicyLoss, policy_loss
+from .recipes import DAPO, DR_GRPO, GRPO, GSPO, Recipe
+from .shaping import dynamic_sampling_mask, soft_overlong_penalty
+from .surrogates import clipped_surrogate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DAPO",
+    "DR_GRPO",
+    "GRPO",
+    "GSPO",
+    "PolicyLoss",
+    "Recipe",
+    "clipped_surrogate",
+    "dynamic_sampling_mask",
+    "group_advantages",
+    "k3_kl",
+    "kl_estimate",
+    "masked_mean",
+    "policy_loss",
+    "recipes",
+    "soft_overlong_penalty",
+]

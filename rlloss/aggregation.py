@@ -1,0 +1,141 @@
+"""Masked reductions and the loss aggregations that decide a recipe's normaliser."""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import resolve_backend
+from ._validate import check_count, check_float, check_mask, check_number, compute_dtype
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0 with zero gradient: an empty input is never NaN."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _masked_mean_torch(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None, normalizer: float | torch.Tensor | None
+) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    kept = torch.where(mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    total = kept.sum() if dim is None else kept.sum(dim)
+    if normalizer is None:
+        count = mask.sum() if dim is None else mask.sum(dim)
+        normalizer = count.to(dtype)
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.detach().to(dtype)
+    return safe_div(total, normalizer)
+
+
+def masked_mean(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    dim: int | None = None,
+    *,
+    normalizer: float | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""``sum(x * mask, dim) / normalizer``, with ``normalizer = mask.sum(dim)`` by default.
+
+    A given ``normalizer`` (number or tensor broadcastable to the result) overrides the count:
+    Dr. GRPO's constant ``MAX_TOKENS`` (Liu et al. 2025, arXiv 2503.20783), or a token count of the
+    whole optimizer step under gradient accumulation. A zero normaliser gives 0 and zero gradient,
+    never NaN; masked positions are selected out (not multiplied by 0), so NaN or inf there never
+    reaches the result or the gradient.
+
+    Args:
+        x: floating tensor, any shape; carries the gradient.
+        mask: same shape (bool, or numeric with non-zero meaning valid); no broadcasting.
+        dim: the dimension to reduce, or None for all.
+        normalizer: None, a non-negative number, or a tensor (treated as a constant).
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        fp32 (fp64 for fp64 ``x``): a scalar for ``dim=None``, else ``x``'s shape without ``dim``.
+    """
+    check_float("x", x)
+    mask = check_mask("mask", mask, "x", x)
+    if dim is not None:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int or None, got {dim!r}")
+        if not -x.dim() <= dim < max(x.dim(), 1):
+            raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
+    if isinstance(normalizer, torch.Tensor):
+        out_shape = torch.Size([]) if dim is None else x.sum(dim).shape
+        try:
+            torch.broadcast_shapes(normalizer.shape, out_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"normalizer of shape {tuple(normalizer.shape)} does not broadcast to the result shape {tuple(out_shape)}"
+            ) from None
+        if torch.broadcast_shapes(normalizer.shape, out_shape) != out_shape:
+            raise ValueError(
+                f"normalizer of shape {tuple(normalizer.shape)} would enlarge the result shape {tuple(out_shape)}"
+            )
+        if normalizer.device != x.device:
+            raise ValueError(f"normalizer must be on {x.device} like x, got {normalizer.device}")
+    else:
+        check_number("normalizer", normalizer, low=0, allow_none=True)
+    if resolve_backend(backend, x, mask) == "triton":
+        from .kernels.aggregation import masked_mean_triton
+
+        return masked_mean_triton(x, mask, dim, normalizer)
+    return _masked_mean_torch(x, mask, dim, normalizer)
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    *,
+    max_tokens: float | None,
+    num_tokens: float | torch.Tensor | None,
+    num_seqs: float | torch.Tensor | None,
+    dp_size: int,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss (already 0 where masked) to the recipe's scalar.
+
+    See ``policy_loss`` for the table of aggregations. Arguments are assumed checked.
+    """
+    dtype = per_token.dtype
+    n_seq = per_token.shape[0] if num_seqs is None else num_seqs
+    n_seq = torch.as_tensor(n_seq, dtype=dtype, device=per_token.device)
+    if aggregation == "token_mean":
+        n_tok = mask.sum() if num_tokens is None else num_tokens
+        loss = safe_div(per_token.sum(), torch.as_tensor(n_tok, dtype=dtype, device=per_token.device))
+    elif aggregation == "seq_mean_token_mean":
+        row = safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))
+        loss = safe_div(row.sum(), n_seq)
+    elif aggregation == "seq_mean_token_sum":
+        loss = safe_div(per_token.sum(), n_seq)
+    else:  # constant (Dr. GRPO)
+        loss = safe_div(per_token.sum(), n_seq * max_tokens)
+    return loss * dp_size
+
+
+def check_aggregation(
+    aggregation: str,
+    *,
+    max_tokens: object,
+    num_tokens: object,
+    num_seqs: object,
+    dp_size: object,
+    device: torch.device,
+) -> tuple[float | None, float | torch.Tensor | None, float | torch.Tensor | None]:
+    """Validate the aggregation options of ``policy_loss``; returns the checked counts."""
+    from ._validate import check_choice
+
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    if aggregation == "constant":
+        if max_tokens is None:
+            raise ValueError('aggregation="constant" (Dr. GRPO) needs max_tokens, the generation budget; got None')
+        check_number("max_tokens", max_tokens, low=0, low_inclusive=False)
+    elif max_tokens is not None:
+        check_number("max_tokens", max_tokens, low=0, low_inclusive=False)
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    return max_tokens, check_count("num_tokens", num_tokens, device), check_count("num_seqs", num_seqs, device)

@@ -1,0 +1,82 @@
+"""Published recipes as presets: one object holds a paper's advantage and loss settings.
+
+>>> adv = rlloss.recipes.DAPO.advantages(rewards, groups=8)
+>>> loss, metrics = rlloss.recipes.DAPO.loss(logp, old_logp, adv, mask)
+
+Keyword arguments given to ``loss``/``advantages`` override the preset (e.g. ``max_tokens`` for
+Dr. GRPO, ``num_tokens``/``num_seqs``/``dp_size`` under gradient accumulation, ``backend``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .advantages import group_advantages
+from .loss import PolicyLoss, policy_loss
+from .shaping import soft_overlong_penalty
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A published recipe's hyperparameters (SPEC "Recipes" table)."""
+
+    name: str
+    paper: str
+    baseline: str = "mean"
+    scale: str = "group"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    aggregation: str = "seq_mean_token_mean"
+    beta: float = 0.0
+    level: str = "token"
+    dynamic_sampling: bool = False
+    overlong_filter: bool = False
+    overlong_max_len: int | None = None
+    overlong_cache_len: int | None = None
+
+    def advantage_kwargs(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "scale": self.scale}
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"eps_low": self.eps_low, "eps_high": self.eps_high, "aggregation": self.aggregation,
+                "beta": self.beta, "level": self.level}
+
+    def advantages(self, rewards: torch.Tensor, groups: int | torch.Tensor, **overrides: Any) -> torch.Tensor:
+        """``group_advantages`` with this recipe's baseline and scale."""
+        return group_advantages(rewards, groups, **{**self.advantage_kwargs(), **overrides})
+
+    def loss(self, logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, mask: torch.Tensor,
+             **overrides: Any) -> PolicyLoss:
+        """``policy_loss`` with this recipe's clip range, aggregation, KL coefficient and level."""
+        return policy_loss(logp, old_logp, adv, mask, **{**self.loss_kwargs(), **overrides})
+
+    def overlong_penalty(self, lengths: torch.Tensor, **overrides: Any) -> torch.Tensor:
+        """DAPO's soft overlong penalty with the recipe's lengths (only recipes that define them)."""
+        if self.overlong_max_len is None or self.overlong_cache_len is None:
+            raise ValueError(f"recipe {self.name} has no overlong penalty; call rlloss.soft_overlong_penalty directly")
+        kwargs = {"max_len": self.overlong_max_len, "cache_len": self.overlong_cache_len, **overrides}
+        return soft_overlong_penalty(lengths, **kwargs)
+
+
+GRPO = Recipe(
+    name="GRPO", paper="Shao et al. 2024, DeepSeekMath, arXiv 2402.03300",
+    eps_low=0.2, eps_high=0.2, aggregation="seq_mean_token_mean", beta=0.04,
+)
+DAPO = Recipe(
+    name="DAPO", paper="Yu et al. 2025, DAPO, arXiv 2503.14476",
+    eps_low=0.2, eps_high=0.28, aggregation="token_mean", beta=0.0,
+    dynamic_sampling=True, overlong_filter=True, overlong_max_len=20480, overlong_cache_len=4096,
+)
+DR_GRPO = Recipe(
+    name="Dr. GRPO", paper="Liu et al. 2025, Understanding R1-Zero-Like Training, arXiv 2503.20783",
+    scale="none", eps_low=0.2, eps_high=0.2, aggregation="constant", beta=0.0,
+)
+GSPO = Recipe(
+    name="GSPO", paper="Zheng et al. 2025, Group Sequence Policy Optimization, arXiv 2507.18071",
+    eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_mean", beta=0.0, level="sequence",
+)
+
+RECIPES = {"grpo": GRPO, "dapo": DAPO, "dr_grpo": DR_GRPO, "gspo": GSPO}
