@@ -1,0 +1,50 @@
+"""What every test module shares: device, backends, per-dtype tolerances, comparison helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rlloss._dispatch import interpreter_enabled, triton_available
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu")
+
+
+def triton_runs_here() -> bool:
+    return triton_available() and (DEVICE.type == "cuda" or interpreter_enabled())
+
+
+# Every property test runs on each backend that can run here.
+BACKENDS = ["torch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tol:
+    rtol: float
+    atol: float
+
+
+# Written once. Values are fp32 arithmetic whatever the input dtype, so forward outputs use the fp32
+# row; gradients come back in the input's dtype and carry its rounding (one ulp of bf16 is 2^-8
+# relative, of fp16 2^-11; two roundings may differ by one ulp).
+TOLERANCES: dict[torch.dtype, Tol] = {
+    torch.float64: Tol(rtol=1e-10, atol=1e-12),
+    torch.float32: Tol(rtol=2e-5, atol=1e-6),
+    torch.bfloat16: Tol(rtol=1.6e-2, atol=1e-6),
+    torch.float16: Tol(rtol=2e-3, atol=1e-6),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, scale: float = 0.0,
+                 what: str = "") -> None:
+    """``|actual - expected| <= atol + rtol * (|expected| + scale)`` with the tolerances of ``dtype``.
+
+    ``scale`` is for sums with cancellation: pass the same sum taken over absolute values, the
+    magnitude that the rounding error of a reordered sum is relative to.
+    """
+    tol = TOLERANCES[dtype]
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=tol.rtol, atol=tol.atol + tol.rtol * scale,
+                               msg=lambda m: f"{what}: {m}")
