@@ -62,7 +62,7 @@ def masked_mean(
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"dim must be an int or None, got {dim!r}")
-        if not -x.dim() <= dim < max(x.dim(), 1):
+        if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
     if isinstance(normalizer, torch.Tensor):
         out_shape = torch.Size([]) if dim is None else x.sum(dim).shape

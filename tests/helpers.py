@@ -16,7 +16,7 @@ def triton_runs_here() -> bool:
 
 
 # Every property test runs on each backend that can run here.
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"] if triton_runs_here() else ["torch"]
 
 
 @dataclasses.dataclass(frozen=True)

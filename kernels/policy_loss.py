@@ -1,0 +1,369 @@
+"""Fused ``policy_loss``: one forward pass over the tokens, a small combine, a backward scale.
+
+Launches (forward + backward), mirroring ``rlloss.loss._policy_loss_torch``:
+
+1. (GSPO only) ``_row_log_ratio_kernel``: per row chunk, the sum of ``logp - old_logp`` and the
+   token count, for the sequence ratio ``s_i``.
+2. ``_policy_loss_fwd_kernel``: per row chunk, the per-token loss (surrogate + beta * k3), its
+   gradient d l / d logp, stored for backward, and the chunk's partial sums: loss, token count,
+   clip counts, ratio and KL sums (the metrics come from this same pass).
+3. ``_combine_kernel``: one program adds the partials in a fixed order (rows, then chunks; no
+   atomics, so the result is bitwise reproducible), applies the aggregation's normaliser, and
+   writes the loss, the metrics and the factors backward needs.
+4. ``_scale_grad_kernel`` (backward): ``grad = grad_out * global_factor * row_factor[i] * g``.
+
+So backward reads one stored [B, T] buffer instead of the inputs, and token-level objectives take
+3 launches in all, GSPO 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import NUM_WARPS, as_bytes, block_t, grad_buffer_dtype, k3_token, ppo_token
+
+KL_CLAMP = 20.0  # rlloss.kl.KL_INPUT_CLAMP
+AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "constant": 3}
+# partial sums per chunk, in this order
+N_PARTIALS = 7
+LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
+METRIC_NAMES = ("clip_low", "clip_high", "clip_dual", "ratio_mean", "kl_mean")
+
+
+@triton.jit
+def _load_tokens(ptr, row, offs, stride_b, stride_t, keep):
+    """fp32 values of one row chunk, 0 at masked or out-of-range positions (never loaded)."""
+    return tl.load(ptr + row * stride_b + offs * stride_t, mask=keep, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_log_ratio_kernel(
+    logp_ptr, old_ptr, mask_ptr, stats_ptr,
+    T, C, n_chunks_total,
+    s_lp_b, s_lp_t, s_old_b, s_old_t, s_m_b, s_m_t,
+    BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // C
+    offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs < T
+    valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
+    d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, valid)
+    tl.store(stats_ptr + pid, tl.sum(d, axis=0))
+    tl.store(stats_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr,
+    T, C, n_chunks_total,
+    s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
+    lo, hi, dual_clip, max_log_ratio, beta, kl_clamp,
+    HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
+    HAS_DUAL: tl.constexpr, SEQ_LEVEL: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // C
+    offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs < T
+    valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
+
+    logp = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, valid)
+    if HAS_OLD:
+        old = _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, valid)
+    else:  # old_logp=None: sg(logp)
+        old = logp
+    if ADV_PER_TOKEN:
+        adv = _load_tokens(adv_ptr, row, offs, s_adv_b, s_adv_t, valid)
+    else:
+        adv = tl.where(valid, tl.load(adv_ptr + row * s_adv_b).to(tl.float32), 0.0)
+
+    if SEQ_LEVEL:  # GSPO: every token carries the row's mean log-ratio s_i
+        chunks = tl.arange(0, BLOCK_C)
+        in_chunks = chunks < C
+        d_sum = tl.sum(tl.load(stats_ptr + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
+        n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
+        d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
+    else:
+        d = logp - old
+
+    loss, loss_pre_dual, grad, ratio = ppo_token(d, adv, lo, hi, dual_clip, max_log_ratio, HAS_DUAL)
+    kl = tl.zeros_like(loss)
+    if HAS_REF:
+        ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, valid)
+        kl, dkl = k3_token(logp, ref, kl_clamp)
+        if ADD_KL:
+            loss = loss + beta * kl
+            grad = grad + beta * dkl
+    loss = tl.where(valid, loss, 0.0)
+    grad = tl.where(valid, grad, 0.0)
+
+    if WRITE_GRAD:  # contiguous [B, T] buffer: every in-range position written
+        tl.store(grad_ptr + row * T + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    if WRITE_TOKEN_LOSS:
+        tl.store(tok_loss_ptr + row * T + offs, loss, mask=in_row)
+    if WRITE_PARTIALS:
+        valid_f = valid.to(tl.float32)
+        negative = adv < 0
+        clip_low = (ratio < lo) & negative
+        clip_high = (ratio > hi) & (adv > 0)
+        if HAS_DUAL:
+            clip_dual = negative & (loss_pre_dual > -dual_clip * adv)
+        else:
+            clip_dual = offs < 0  # no dual clip: never binds
+        tl.store(part_ptr + LOSS_ * n_chunks_total + pid, tl.sum(loss, axis=0))
+        tl.store(part_ptr + COUNT_ * n_chunks_total + pid, tl.sum(valid_f, axis=0))
+        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_low, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_high, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_dual, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + RATIO_ * n_chunks_total + pid, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+        tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+
+
+# partial indices as compile-time constants inside the kernels
+LOSS_: tl.constexpr = tl.constexpr(LOSS)
+COUNT_: tl.constexpr = tl.constexpr(COUNT)
+CLIP_LOW_: tl.constexpr = tl.constexpr(CLIP_LOW)
+CLIP_HIGH_: tl.constexpr = tl.constexpr(CLIP_HIGH)
+CLIP_DUAL_: tl.constexpr = tl.constexpr(CLIP_DUAL)
+RATIO_: tl.constexpr = tl.constexpr(RATIO)
+KL_: tl.constexpr = tl.constexpr(KL)
+
+
+@triton.jit
+def _safe_div(num, den):
+    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
+def _load_count(ptr, value, MODE: tl.constexpr):
+    """A count given as nothing (MODE 0: caller's default), a number (1) or a 0-d tensor (2)."""
+    if MODE == 2:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return value
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, loss_ptr, metrics_ptr, factor_ptr, row_factor_ptr,
+    B, C, n_chunks_total,
+    num_tokens_ptr, num_tokens, num_seqs_ptr, num_seqs, max_tokens, dp_size,
+    AGG: tl.constexpr, TOKENS_MODE: tl.constexpr, SEQS_MODE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Single program: rows in blocks of BLOCK_R, each row's chunks summed in order."""
+    rows0 = tl.arange(0, BLOCK_R)
+    chunks = tl.arange(0, BLOCK_C)
+    loss_sum = tl.zeros((), tl.float32)
+    row_mean_sum = tl.zeros((), tl.float32)
+    count = tl.zeros((), tl.float32)
+    clip_low = tl.zeros((), tl.float32)
+    clip_high = tl.zeros((), tl.float32)
+    clip_dual = tl.zeros((), tl.float32)
+    ratio = tl.zeros((), tl.float32)
+    kl = tl.zeros((), tl.float32)
+    for r0 in range(0, B, BLOCK_R):
+        rows = r0 + rows0
+        idx = rows[:, None] * C + chunks[None, :]
+        keep = (rows[:, None] < B) & (chunks[None, :] < C)
+        row_loss = tl.sum(tl.load(part_ptr + LOSS_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1)
+        row_count = tl.sum(tl.load(part_ptr + COUNT_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1)
+        loss_sum += tl.sum(row_loss, axis=0)
+        count += tl.sum(row_count, axis=0)
+        clip_low += tl.sum(tl.sum(tl.load(part_ptr + CLIP_LOW_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        clip_high += tl.sum(tl.sum(tl.load(part_ptr + CLIP_HIGH_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        clip_dual += tl.sum(tl.sum(tl.load(part_ptr + CLIP_DUAL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        ratio += tl.sum(tl.sum(tl.load(part_ptr + RATIO_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        kl += tl.sum(tl.sum(tl.load(part_ptr + KL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        if AGG == 1:  # seq_mean_token_mean: each row normalised by its own count
+            row_mean_sum += tl.sum(_safe_div(row_loss, row_count), axis=0)
+            tl.store(row_factor_ptr + rows, _safe_div(1.0, row_count), mask=rows < B)
+        else:
+            tl.store(row_factor_ptr + rows, tl.full((BLOCK_R,), 1.0, tl.float32), mask=rows < B)
+
+    n_tok = _load_count(num_tokens_ptr, num_tokens, TOKENS_MODE)
+    if TOKENS_MODE == 0:
+        n_tok = count
+    n_seq = _load_count(num_seqs_ptr, num_seqs, SEQS_MODE)
+    if AGG == 0:
+        loss = _safe_div(loss_sum, n_tok)
+        factor = _safe_div(1.0, n_tok)
+    elif AGG == 1:
+        loss = _safe_div(row_mean_sum, n_seq)
+        factor = _safe_div(1.0, n_seq)
+    elif AGG == 2:
+        loss = _safe_div(loss_sum, n_seq)
+        factor = _safe_div(1.0, n_seq)
+    else:
+        loss = _safe_div(loss_sum, n_seq * max_tokens)
+        factor = _safe_div(1.0, n_seq * max_tokens)
+    tl.store(loss_ptr, loss * dp_size)
+    tl.store(metrics_ptr + 0, _safe_div(clip_low, count))
+    tl.store(metrics_ptr + 1, _safe_div(clip_high, count))
+    tl.store(metrics_ptr + 2, _safe_div(clip_dual, count))
+    tl.store(metrics_ptr + 3, _safe_div(ratio, count))
+    tl.store(metrics_ptr + 4, _safe_div(kl, count))
+    tl.store(factor_ptr, factor * dp_size)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr, grad_out_ptr, factor_ptr, row_factor_ptr, out_ptr, T, C,
+    BLOCK_T: tl.constexpr,
+):
+    """grad[i, t] = grad_out * factor * row_factor[i] * g[i, t], all contiguous [B, T]."""
+    pid = tl.program_id(0)
+    row = pid // C
+    offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs < T
+    scale = tl.load(grad_out_ptr).to(tl.float32) * tl.load(factor_ptr) * tl.load(row_factor_ptr + row)
+    g = tl.load(g_ptr + row * T + offs, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * T + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def _strides(x: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if x is None else (x.stride(0), x.stride(1))
+
+
+def _count_args(value: float | torch.Tensor | None, default: float, like: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(pointer, value, mode) for a count passed as nothing, a number or a 0-d tensor."""
+    if value is None:
+        return like, float(default), 0
+    if isinstance(value, torch.Tensor):
+        return value, 0.0, 2
+    return like, float(value), 1
+
+
+def per_token_pass(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    *,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    level: str,
+    max_log_ratio: float,
+    write_grad: bool,
+    write_partials: bool,
+    write_token_loss: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
+    """Launch the row-ratio (GSPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
+    B, T = logp.shape
+    bt = block_t(T)
+    C = triton.cdiv(T, bt)
+    n = B * C
+    dev = logp.device
+    mask_u8 = as_bytes(mask)
+    g = torch.empty((B, T), dtype=grad_buffer_dtype(logp.dtype), device=dev) if write_grad else None
+    partials = torch.empty((N_PARTIALS, max(n, 1)), dtype=torch.float32, device=dev) if write_partials else None
+    token_loss = torch.empty((B, T), dtype=torch.float32, device=dev) if write_token_loss else None
+    if n == 0:
+        return g, partials, token_loss, C
+    seq = level == "sequence"
+    old = logp if old_logp is None else old_logp
+    stats = torch.empty((2, n), dtype=torch.float32, device=dev) if seq else None
+    if seq:
+        _row_log_ratio_kernel[(n,)](
+            logp, old, mask_u8, stats, T, C, n, *_strides(logp), *_strides(old), *_strides(mask_u8),
+            BLOCK_T=bt, num_warps=NUM_WARPS,
+        )
+    per_token_adv = adv.dim() == 2
+    adv_strides = _strides(adv) if per_token_adv else (adv.stride(0), 0)
+    dummy = logp  # pointer for arguments a constexpr switch leaves unread
+    _policy_loss_fwd_kernel[(n,)](
+        logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp, stats if seq else dummy,
+        dummy if g is None else g, dummy if partials is None else partials, dummy if token_loss is None else token_loss,
+        T, C, n,
+        *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp),
+        1 - eps_low, 1 + eps_high, 0.0 if dual_clip is None else float(dual_clip), float(max_log_ratio), float(beta),
+        KL_CLAMP,
+        HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, HAS_REF=ref_logp is not None,
+        ADD_KL=ref_logp is not None and beta != 0, HAS_DUAL=dual_clip is not None, SEQ_LEVEL=seq,
+        WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
+        BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), num_warps=NUM_WARPS,
+    )
+    return g, partials, token_loss, C
+
+
+def combine_block_rows(c: int) -> int:
+    """Rows per step of the single-program combine: about 4096 partials in flight."""
+    return max(1, 4096 // triton.next_power_of_2(max(c, 1)))
+
+
+def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, row_factor: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    B, T = g.shape
+    out = torch.empty((B, T), dtype=dtype, device=g.device)
+    bt = block_t(T)
+    C = triton.cdiv(T, bt)
+    if B * C:
+        _scale_grad_kernel[(B * C,)](g, grad_out, factor, row_factor, out, T, C, BLOCK_T=bt, num_warps=NUM_WARPS)
+    return out
+
+
+class _PolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
+                aggregation, max_tokens, num_tokens, num_seqs, dp_size):
+        B, _ = logp.shape
+        needs_grad = ctx.needs_input_grad[0]
+        g, partials, _, C = per_token_pass(
+            logp, old_logp, adv, mask, ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+            level=level, max_log_ratio=max_log_ratio, write_grad=needs_grad, write_partials=True,
+            write_token_loss=False,
+        )
+        dev = logp.device
+        loss = torch.empty((), dtype=torch.float32, device=dev)
+        metrics = torch.empty(5, dtype=torch.float32, device=dev)
+        factor = torch.empty(1, dtype=torch.float32, device=dev)
+        row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
+        tok_ptr, tok_val, tok_mode = _count_args(num_tokens, 0.0, factor)
+        seq_ptr, seq_val, seq_mode = _count_args(num_seqs, B, factor)
+        bc = triton.next_power_of_2(max(C, 1))
+        _combine_kernel[(1,)](
+            partials, loss, metrics, factor, row_factor, B, C, B * C,
+            tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens or 1.0), float(dp_size),
+            AGG=AGG_CODES[aggregation], TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
+            BLOCK_R=combine_block_rows(C), BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
+        ctx.mark_non_differentiable(metrics)
+        if needs_grad:
+            ctx.save_for_backward(g, factor, row_factor)
+            ctx.logp_dtype = logp.dtype
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        g, factor, row_factor = ctx.saved_tensors
+        grad = scale_grad(g, grad_loss, factor, row_factor, ctx.logp_dtype)
+        return (grad,) + (None,) * 15
+
+
+def policy_loss_triton(logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
+                       aggregation, max_tokens, num_tokens, num_seqs, dp_size):
+    """The fused ``policy_loss`` on validated inputs: returns ``(loss, metrics)``.
+
+    fp64 inputs go to the reference (the kernels accumulate in fp32 by design). Only ``logp``
+    receives a gradient; the others are constants, as in the reference.
+    """
+    args = (logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
+            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    if any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, adv, ref_logp)):
+        from rlloss.loss import _policy_loss_torch
+
+        return tuple(_policy_loss_torch(*args))
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    loss, metrics = _PolicyLossFunction.apply(
+        logp, detach(old_logp), adv.detach(), mask, detach(ref_logp), *args[5:]
+    )
+    names = METRIC_NAMES if ref_logp is not None else METRIC_NAMES[:-1]
+    return loss, {name: metrics[i] for i, name in enumerate(names)}
