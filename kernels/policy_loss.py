@@ -336,6 +336,8 @@ class _PolicyLossFunction(torch.autograd.Function):
             BLOCK_R=combine_block_rows(C), BLOCK_C=bc, num_warps=NUM_WARPS,
         )
         ctx.mark_non_differentiable(metrics)
+        # metrics never get a gradient: without this autograd would fill a zero tensor for them (a launch)
+        ctx.set_materialize_grads(False)
         if needs_grad:
             ctx.save_for_backward(g, factor, row_factor)
             ctx.logp_dtype = logp.dtype
@@ -343,6 +345,8 @@ class _PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return (None,) * 16
         g, factor, row_factor = ctx.saved_tensors
         grad = scale_grad(g, grad_loss, factor, row_factor, ctx.logp_dtype)
         return (grad,) + (None,) * 15

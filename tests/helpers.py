@@ -36,15 +36,23 @@ TOLERANCES: dict[torch.dtype, Tol] = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, scale: float = 0.0,
-                 what: str = "") -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
+                 scale: float | torch.Tensor = 0.0, what: str = "") -> None:
     """``|actual - expected| <= atol + rtol * (|expected| + scale)`` with the tolerances of ``dtype``.
 
-    ``scale`` is for sums with cancellation: pass the same sum taken over absolute values, the
-    magnitude that the rounding error of a reordered sum is relative to.
+    ``scale`` is for results with cancellation: the magnitude that rounding errors are relative to
+    (for a reordered sum, the same sum over absolute values; for a sum of two gradient terms, the
+    sum of their magnitudes), a number or a tensor of ``expected``'s shape.
     """
     tol = TOLERANCES[dtype]
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=tol.rtol, atol=tol.atol + tol.rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    a, e = actual.detach().double(), expected.detach().double()
+    allowed = tol.atol + tol.rtol * (e.abs() + (scale.detach().double() if isinstance(scale, torch.Tensor) else scale))
+    bad = ~((a - e).abs() <= allowed) | (a.isnan() != e.isnan())
+    bad &= ~((a.isnan() & e.isnan()) | (a == e))  # equal infinities (fp16 overflow on both sides) match
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ beyond {dtype} tolerance; "
+                             f"first at {idx}: actual {a[tuple(idx)].item()!r}, expected {e[tuple(idx)].item()!r}, "
+                             f"allowed difference {allowed[tuple(idx)].item() if allowed.dim() else allowed.item()!r}")
