@@ -20,7 +20,8 @@ def _masked_sum_kernel(x_ptr, mask_ptr, part_ptr, L, C, n_chunks_total, BLOCK: t
     row = pid // C
     offs = (pid % C) * BLOCK + tl.arange(0, BLOCK)
     valid = (tl.load(mask_ptr + row * L + offs, mask=offs < L, other=0) != 0) & (offs < L)
-    x = tl.load(x_ptr + row * L + offs, mask=valid, other=0.0).to(tl.float32)
+    # predicated on the row bounds only (128-bit loads), masked positions selected out after
+    x = tl.where(valid, tl.load(x_ptr + row * L + offs, mask=offs < L, other=0.0).to(tl.float32), 0.0)
     tl.store(part_ptr + pid, tl.sum(x, axis=0))
     tl.store(part_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
 

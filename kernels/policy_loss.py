@@ -30,12 +30,19 @@ AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2,
 N_PARTIALS = 7
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
 METRIC_NAMES = ("clip_low", "clip_high", "clip_dual", "ratio_mean", "kl_mean")
+COMBINE_TILE = 1024
 
 
 @triton.jit
-def _load_tokens(ptr, row, offs, stride_b, stride_t, keep):
-    """fp32 values of one row chunk, 0 at masked or out-of-range positions (never loaded)."""
-    return tl.load(ptr + row * stride_b + offs * stride_t, mask=keep, other=0.0).to(tl.float32)
+def _load_tokens(ptr, row, offs, stride_b, stride_t, in_row, valid):
+    """fp32 values of one row chunk, 0 at masked or out-of-range positions.
+
+    The load is predicated on the row bounds only, so contiguous rows load in 128-bit vectors (a
+    per-token predicate would split them into scalar loads, and a GPU moves whole sectors anyway);
+    masked positions are then selected out, so NaN or inf stored there never reaches any result.
+    """
+    x = tl.load(ptr + row * stride_b + offs * stride_t, mask=in_row, other=0.0).to(tl.float32)
+    return tl.where(valid, x, 0.0)
 
 
 @triton.jit
@@ -50,7 +57,7 @@ def _row_log_ratio_kernel(
     offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = offs < T
     valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
-    d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, valid)
+    d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
     tl.store(stats_ptr + pid, tl.sum(d, axis=0))
     tl.store(stats_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
 
@@ -72,13 +79,13 @@ def _policy_loss_fwd_kernel(
     in_row = offs < T
     valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
 
-    logp = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, valid)
+    logp = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid)
     if HAS_OLD:
-        old = _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, valid)
+        old = _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
     else:  # old_logp=None: sg(logp)
         old = logp
     if ADV_PER_TOKEN:
-        adv = _load_tokens(adv_ptr, row, offs, s_adv_b, s_adv_t, valid)
+        adv = _load_tokens(adv_ptr, row, offs, s_adv_b, s_adv_t, in_row, valid)
     else:
         adv = tl.where(valid, tl.load(adv_ptr + row * s_adv_b).to(tl.float32), 0.0)
 
@@ -94,7 +101,7 @@ def _policy_loss_fwd_kernel(
     loss, loss_pre_dual, grad, ratio = ppo_token(d, adv, lo, hi, dual_clip, max_log_ratio, HAS_DUAL)
     kl = tl.zeros_like(loss)
     if HAS_REF:
-        ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, valid)
+        ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, in_row, valid)
         kl, dkl = k3_token(logp, ref, kl_clamp)
         if ADD_KL:
             loss = loss + beta * kl
@@ -295,8 +302,12 @@ def per_token_pass(
 
 
 def combine_block_rows(c: int) -> int:
-    """Rows per step of the single-program combine: about 4096 partials in flight."""
-    return max(1, 4096 // triton.next_power_of_2(max(c, 1)))
+    """Rows per step of the single-program combine: 1024 partials of each of the 7 sums in flight.
+
+    A 4096 tile held 224 loads per thread and needed up to 255 registers on sm_90a (the limit);
+    1024 keeps the combine well clear of spilling, and it runs once per call on B*C partials.
+    """
+    return max(1, COMBINE_TILE // triton.next_power_of_2(max(c, 1)))
 
 
 def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, row_factor: torch.Tensor,
