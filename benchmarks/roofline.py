@@ -46,6 +46,8 @@ class ModelRow:
     launches: int
     bytes: int
     minimum_bytes: int
+    allocated_bytes: int  # buffers created by explicit allocation (the fused path's, all of them)
+    fp32_bt_bytes: int  # one fp32 [B, T] buffer, the memory goal's unit
 
     @property
     def us(self) -> float:
@@ -68,7 +70,8 @@ def count_all(b: int, t: int) -> tuple[list[ModelRow], list[str]]:
                     continue
                 counts = count_backend(problem, recipe, backend)
                 rows.append(ModelRow(recipe.name + (" +KL" if recipe.beta else ""), dtype_name, LABEL[backend],
-                                     counts.n_launches, counts.bytes, minimum_bytes(problem, recipe)))
+                                     counts.n_launches, counts.bytes, minimum_bytes(problem, recipe),
+                                     counts.allocated_bytes, 4 * b * t))
     return rows, skipped
 
 
@@ -102,6 +105,11 @@ def report(quick: bool = False) -> dict[str, Any]:
     print(table(rows))
     for line in skipped:
         print("skipped: " + line)
+    fused = [r for r in rows if r.backend == "rlloss-triton"]
+    if fused:
+        print("fused path, every buffer it allocates (counted torch.empty calls), in fp32 [B, T] buffers, "
+              "gradient included: " + ", ".join(f"{r.recipe} {r.dtype} {r.allocated_bytes / r.fp32_bt_bytes:.3f}"
+                                                 for r in fused))
     return {
         "kind": "counted launches and bytes; modelled H100 time",
         "size": [b, t],

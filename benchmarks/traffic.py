@@ -102,6 +102,8 @@ class Counts:
     launches: list[Launch] = dataclasses.field(default_factory=list)
     syncs: int = 0
     not_counted: Counter = dataclasses.field(default_factory=Counter)  # views and allocations seen
+    # bytes of explicit allocations (torch.empty & co.): for the fused path, every buffer it creates
+    allocated_bytes: int = 0
 
     @property
     def n_launches(self) -> int:
@@ -131,7 +133,7 @@ class Counts:
     def to_json(self) -> dict[str, Any]:
         return {
             "launches": self.n_launches, "bytes": self.bytes, "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written, "syncs": self.syncs,
+            "bytes_written": self.bytes_written, "syncs": self.syncs, "allocated_bytes": self.allocated_bytes,
             "per_launch": [dataclasses.asdict(x) for x in self.launches],
             "not_counted": dict(sorted(self.not_counted.items())),
         }
@@ -154,7 +156,10 @@ class _AtenRecorder(TorchDispatchMode):
         key = _op_key(func)
         if key == _SYNC:
             self.counts.syncs += 1
-        elif func.is_view or key in _METADATA or key in _ALLOCATIONS or not any(
+        elif key in _ALLOCATIONS:
+            self.counts.not_counted[key] += 1
+            self.counts.allocated_bytes += sum(tensor_bytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        elif func.is_view or key in _METADATA or not any(
             isinstance(x, torch.Tensor) for x in tree_leaves(out)
         ):  # no tensor out and no sync: a metadata query (sizes, strides)
             self.counts.not_counted[key] += 1
