@@ -98,7 +98,8 @@ def report(quick: bool = False) -> dict[str, Any]:
     """Count, model, print; return everything for the JSON record."""
     b, t = QUICK_SIZE if quick else MODEL_SIZE
     print(f"\ncounted forward+backward at B x T = {b}x{t} ({b * t:,} tokens), prefix-padded masks: launches and bytes "
-          "(aten ops via TorchDispatchMode; Triton interpreter loads and stores, masked lanes move nothing)")
+          "(aten ops via TorchDispatchMode; Triton interpreter loads and stores: lanes outside a load's row bounds move "
+          "nothing, masked tokens inside a row are loaded, as a GPU's sectors would be)")
     print(f"MODELLED H100 time (a model, not a measurement) = bytes / {HBM_BYTES_PER_S / 1e12:g} TB/s "
           f"+ launches x {LAUNCH_US:g} us; x trl / x eager = modelled speed-up over trl-inline / rlloss-torch")
     rows, skipped = count_all(b, t)

@@ -1,0 +1,67 @@
+"""The benchmark's code paths, run at a tiny size so they cannot rot (nothing here is timed).
+
+The CUDA sweep adds the ``rlloss-triton`` contender; here it runs through Triton's interpreter on
+CPU tensors, with the CPU clock, so every line of the sweep but the CUDA clock and memory meter
+runs in CI. The contenders must compute the same objective, or the benchmark compares nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import DEVICE, assert_close, triton_runs_here
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_loss  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))
+@pytest.mark.parametrize("kl", [False, True])
+def test_contenders_compute_the_same_loss_and_gradient(recipe, kl):
+    inputs = bench_loss.make_inputs(4, 33, torch.float32, DEVICE)
+    results = {}
+    for name in (bench_loss.BASELINE, "rlloss-torch", "rlloss-triton"):
+        leaf = inputs["logp"].detach().clone().requires_grad_(True)
+        loss = bench_loss.build(name, recipe, kl, inputs)(leaf)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        results[name] = (loss, grad)
+    ref_loss, ref_grad = results["rlloss-torch"]
+    for name, (loss, grad) in results.items():
+        assert_close(loss, ref_loss, torch.float32, what=name)
+        assert_close(grad, ref_grad, torch.float32, what=name)
+
+
+def test_sweep_with_the_triton_contender_at_a_tiny_size():
+    names = bench_loss.contenders(DEVICE, with_triton=True, with_compile=False)
+    assert names[0] == bench_loss.BASELINE and "rlloss-triton" in names
+    rows = bench_loss.sweep(names, ((2, 16),), ["fp32", "bf16"], DEVICE, bench_loss.CpuClock(),
+                            bench_loss.cpu_peak_bytes, reps=1, warmup=0, progress=False)
+    assert len(rows) == len(names) * len(bench_loss.RECIPES) * 2 * 2
+    for row in rows:
+        assert set(row.ms) == set(bench_loss.PHASES)
+        assert all(math.isfinite(v) and v > 0 for v in row.ms.values()), row
+        assert row.peak_extra_bytes >= 0
+    text = bench_loss.table(rows, names)
+    assert len(text.splitlines()) == len(rows) + 2
+
+
+def test_main_writes_the_record_and_the_plot(tmp_path):
+    assert bench_loss.main(["--quick", "--no-compile", "--skip-model", "--no-progress", "--reps", "1",
+                            "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
+    tag = "cuda" if torch.cuda.is_available() else "cpu"
+    record = json.loads((tmp_path / f"bench-{tag}-quick.json").read_text())
+    env = record["environment"]
+    for key in ("date", "command", "machine", "device", "torch", "threads", "kind"):
+        assert env[key] not in (None, ""), key
+    contenders = {r["contender"] for r in record["rows"]}
+    assert {bench_loss.BASELINE, "rlloss-torch"} <= contenders
+    assert (tmp_path / f"bench-{tag}-quick.png").stat().st_size > 0
