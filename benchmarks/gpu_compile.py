@@ -426,6 +426,28 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
 
     for dn, dt in {"int64": torch.int64, "int32": torch.int32, "fp32": torch.float32}.items():
         add(f"soft_overlong_penalty {dn}", overlong(dt))
+
+    # token_logprobs and policy_loss_from_logits: a vocabulary of several chunks, and a small one
+    def logits_run(dt, v, entropy=True, inplace=False, loss=False):
+        def run():
+            gen = torch.Generator().manual_seed(4)
+            logits = torch.randn(2, 8, v, generator=gen).to(dt).requires_grad_(True)
+            ids = torch.randint(0, v, (2, 8), generator=gen)
+            if loss:
+                x = logits * 1.0
+                mask = torch.ones(2, 8, dtype=torch.bool)
+                out = rlloss.policy_loss_from_logits(x, ids, None, torch.ones(2), mask, entropy_coef=0.01,
+                                                     inplace_backward=inplace, backend="triton")
+                out.loss.backward()
+                return
+            logp, ent = rlloss.token_logprobs(logits, ids, return_entropy=True, backend="triton")
+            (logp.sum() + (ent.sum() if entropy else 0)).backward()
+        return run
+
+    for dn, dt in dtypes.items():
+        add(f"token_logprobs V=32768 {dn}", logits_run(dt, 32768))
+    add("token_logprobs V=1000 fp32, logp only", logits_run(f32, 1000, entropy=False))
+    add("policy_loss_from_logits V=32768 bf16, in place", logits_run(torch.bfloat16, 32768, loss=True, inplace=True))
     return out
 
 

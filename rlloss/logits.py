@@ -1,0 +1,157 @@
+"""The loss straight from logits: token log-probabilities, entropy, and ``policy_loss`` on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._dispatch import resolve_backend
+from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor
+from .aggregation import aggregate, safe_div
+from .loss import PolicyLoss, policy_loss
+
+
+def check_logits(logits: object, ids: object) -> None:
+    check_float("logits", logits, ndim=3)
+    check_tensor("ids", ids, ndim=2)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"ids must be an integer tensor of token ids, got {ids.dtype}")
+    if ids.shape != logits.shape[:2]:
+        raise ValueError(f"ids must be [B, T]={list(logits.shape[:2])} to match logits {list(logits.shape)}, "
+                         f"got {list(ids.shape)}")
+    if logits.shape[2] == 0:
+        raise ValueError(f"logits must have a vocabulary of at least one token, got shape {list(logits.shape)}")
+    check_same_device(logits=logits, ids=ids)
+
+
+def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
+    """Token ids must index the vocabulary (a device sync: an out-of-range id would read out of bounds)."""
+    valid = ids if where is None else ids[where]
+    if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
+        raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
+                         f"[{int(valid.min())}, {int(valid.max())}]")
+
+
+def _token_logprobs_torch(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                          return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype) / temperature
+    log_probs = torch.log_softmax(z, dim=-1)
+    logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if return_entropy else None
+    return logp, entropy
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Log-probability of each sampled token, and optionally the entropy, from logits.
+
+    ::
+
+        z = logits / temperature
+        logp[b, t] = z[b, t, ids[b, t]] - logsumexp_v z[b, t, v]
+        entropy[b, t] = -sum_v p_v log p_v,   p = softmax(z[b, t])
+
+    The temperature must be the one the sampler used (vLLM/TRL divide logits by it before
+    sampling), or the log-probs belong to another policy than the one that sampled. The Triton
+    backend streams the vocabulary in chunks with an online logsumexp (Milakov & Gimelshein 2018,
+    arXiv 1805.02867): it never materialises ``[B, T, V]`` probabilities or a log-softmax; its
+    backward writes ``d / d logits`` in one more pass. The reference computes ``log_softmax``.
+
+    Args:
+        logits: ``[B, T, V]`` (fp16, bf16, fp32 or fp64), where position ``t`` scores token ``ids[:, t]``
+            (shift a causal LM's logits by one before calling); receives the gradient.
+        ids: ``[B, T]`` integer token ids in ``[0, V)``.
+        temperature: ``> 0``.
+        return_entropy: also return the entropy of each position's distribution.
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        ``logp`` ``[B, T]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``.
+    """
+    check_logits(logits, ids)
+    check_number("temperature", temperature, low=0, low_inclusive=False)
+    check_ids_in_range(ids, logits.shape[2])
+    if resolve_backend(backend, logits, ids) == "triton":
+        from .kernels.logits import token_logprobs_triton
+
+        logp, entropy = token_logprobs_triton(logits, ids, temperature, return_entropy)
+    else:
+        logp, entropy = _token_logprobs_torch(logits, ids, temperature, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    **loss_options: Any,
+) -> PolicyLoss:
+    r"""``policy_loss`` of the sampled tokens' log-probs, computed from the logits, with an entropy bonus.
+
+    ``logp, H = token_logprobs(logits, ids, temperature, return_entropy=True)``, then
+    ``policy_loss(logp, old_logp, adv, mask, **loss_options)`` (every option: clip range, dual
+    clip, level, KL, aggregation, counts, ``dp_size``) minus ``entropy_coef`` times the entropy
+    aggregated with the same aggregation and counts (verl's ``entropy_coeff``; 0 by default, as in
+    DAPO and Dr. GRPO). Metrics gain ``entropy_mean``, the masked mean entropy.
+
+    Ids at masked positions are never read as tokens (padding may hold -100 there); their loss and
+    gradient are zero. With ``inplace_backward=True`` the Triton backward writes ``d loss / d
+    logits`` into the logits buffer itself (no second ``[B, T, V]`` tensor): the logits' values are
+    gone after backward, so use it only when nothing else needs them (a loss computed on a model's
+    fresh output). The reference ignores the flag.
+
+    Args:
+        logits: ``[B, T, V]`` aligned with ``ids`` (see ``token_logprobs``); receives the gradient.
+        ids: ``[B, T]`` sampled token ids.
+        old_logp, adv, mask: as in ``policy_loss``.
+        temperature: the sampler's temperature, ``> 0``.
+        entropy_coef: ``>= 0``; the loss subtracts ``entropy_coef * agg(H)``.
+        inplace_backward: Triton only, see above.
+        backend: ``"auto" | "torch" | "triton"``.
+        **loss_options: keyword options of ``policy_loss``.
+
+    Returns:
+        ``PolicyLoss(loss, metrics)`` as ``policy_loss``, with ``metrics["entropy_mean"]``.
+    """
+    check_logits(logits, ids)
+    mask_b = check_mask("mask", mask, "ids", ids)
+    check_number("temperature", temperature, low=0, low_inclusive=False)
+    check_number("entropy_coef", entropy_coef, low=0)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    if "backend" in loss_options:
+        raise TypeError("backend is given once, for both the log-probs and the loss")
+    chosen = resolve_backend(backend, logits, ids, old_logp, adv, mask)
+    safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
+    check_ids_in_range(safe_ids, logits.shape[2])
+    if chosen == "triton":
+        from .kernels.logits import token_logprobs_triton
+
+        logp, entropy = token_logprobs_triton(logits, safe_ids, temperature, True, inplace_backward=inplace_backward)
+    else:
+        logp, entropy = _token_logprobs_torch(logits, safe_ids, temperature, True)
+    out = policy_loss(logp, old_logp, adv, mask, backend=chosen, **loss_options)
+    ent = torch.where(mask_b, entropy, torch.zeros_like(entropy))
+    metrics = dict(out.metrics)
+    metrics["entropy_mean"] = safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))
+    loss = out.loss
+    if entropy_coef != 0:
+        counts = {k: loss_options.get(k) for k in ("max_tokens", "num_tokens", "num_seqs")}
+        loss = loss - entropy_coef * aggregate(ent, mask_b, loss_options.get("aggregation", "token_mean"),
+                                               dp_size=loss_options.get("dp_size", 1), **counts)
+    return PolicyLoss(loss, metrics)
