@@ -9,6 +9,7 @@ from . import recipes
 from .advantages import group_advantages
 from .aggregation import masked_mean
 from .kl import k3_kl, kl_estimate
+from .logits import policy_loss_from_logits, token_logprobs
 from .loss import PolicyLoss, policy_loss
 from .recipes import DAPO, DR_GRPO, GRPO, GSPO, Recipe
 from .shaping import dynamic_sampling_mask, soft_overlong_penalty
@@ -30,6 +31,8 @@ __all__ = [
     "kl_estimate",
     "masked_mean",
     "policy_loss",
+    "policy_loss_from_logits",
     "recipes",
     "soft_overlong_penalty",
+    "token_logprobs",
 ]
