@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--skip-model", action="store_true", help="leave out the counted traffic and the roofline model")
+    parser.add_argument("--skip-logits", action="store_true", help="leave out the from-logits problem")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,12 +406,26 @@ def main(argv: list[str] | None = None) -> int:
           f"x base = {BASELINE} fwd+bwd time / contender's; peak MiB = extra memory of one fwd+bwd; {env['kind']}")
     print(table(rows, names))
 
+    if not args.skip_logits:
+        import bench_logits
+
+        names_l = bench_logits.contenders(on_gpu, with_compile=not args.no_compile)
+        sizes_l = bench_logits.QUICK_SIZES if args.quick else bench_logits.GPU_SIZES if on_gpu else bench_logits.CPU_SIZES
+        reps_l = min(reps, 3) if not on_gpu else reps
+        rows_l = bench_logits.sweep(names_l, sizes_l, device, measure, clock, peak, reps_l, 1)
+        print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {reps_l} runs after 1 warm-up; {env['kind']}")
+        print(bench_logits.table(rows_l))
+
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if on_gpu else "cpu"
     record: dict[str, Any] = {"environment": env, "reps": reps, "warmup": args.warmup,
                               "rows": [dataclasses.asdict(r) | {"tokens": r.tokens} for r in rows]}
+    if not args.skip_logits:
+        record["logits_rows"] = [dataclasses.asdict(r) for r in rows_l]
     if not args.skip_model:
         record["model"] = model_section(quick=args.quick)
+        if not args.skip_logits:
+            record["logits_model"] = bench_logits.counted_and_modelled()
     json_path = args.out_dir / f"bench-{tag}{'-quick' if args.quick else ''}.json"
     json_path.write_text(json.dumps(record, indent=1))
     png = args.out_dir / f"bench-{tag}{'-quick' if args.quick else ''}.png"
