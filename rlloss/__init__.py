@@ -5,7 +5,7 @@ Every public function validates its inputs once and dispatches on ``backend``:
 ``"auto"`` (Triton on CUDA tensors when triton imports, otherwise the reference).
 """
 
-from . import recipes
+from . import distributed, recipes
 from .advantages import group_advantages
 from .aggregation import masked_mean
 from .kl import k3_kl, kl_estimate
@@ -25,6 +25,7 @@ __all__ = [
     "PolicyLoss",
     "Recipe",
     "clipped_surrogate",
+    "distributed",
     "dynamic_sampling_mask",
     "group_advantages",
     "k3_kl",
