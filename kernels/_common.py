@@ -38,29 +38,125 @@ def tie_weight(a, b):
     return tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
 
 
-@triton.jit
-def ppo_token(d, adv, lo, hi, dual_clip, max_log_ratio, HAS_DUAL: tl.constexpr):
-    """Mirror of ``surrogates.ppo_token_loss`` on the clamped log-ratio, with its gradient.
+# objective codes of the fused per-token kernel (compile-time switches, one binary each)
+OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = range(8)
 
-    Returns the loss, the loss before the dual clip, d loss / d logp, and the ratio.
+
+@triton.jit
+def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
+                    OBJ: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr):
+    """Mirror of the objectives' ``token_loss`` (``rlloss.objectives``), with d loss / d logp.
+
+    ``d`` is the log-ratio (the row mean for GSPO), ``lw`` VESPO's row log-weight. Parameters by
+    objective: PPO ``p0, p1`` = the clip bounds ``1-eps_low, 1+eps_high``, ``p2`` the dual clip
+    (F1), ``p3`` delta (F2); CISPO ``p0, p1`` = low (F1), high (F2); SAPO ``p0, p1`` = tau_pos,
+    tau_neg; DPPO ``p0, p1, p2`` = low, high, weight_cap; DRO ``p0`` = beta; VESPO ``p0..p3`` =
+    k_pos, lam_pos, k_neg, lam_neg. Returns loss, gradient, ratio (for the metric) and three
+    metric indicators.
     """
     dc = tl.minimum(tl.maximum(d, -max_log_ratio), max_log_ratio)
     passes_clamp = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
     ratio = tl.exp(dc)
-    clipped = tl.minimum(tl.maximum(ratio, lo), hi)
-    passes_clip = ((ratio >= lo) & (ratio <= hi)).to(tl.float32)
-    unclipped_term = ratio * adv
-    clipped_term = clipped * adv
-    w = tie_weight(unclipped_term, clipped_term)
-    loss = -tl.minimum(unclipped_term, clipped_term)
-    dloss_dratio = -adv * (w + (1.0 - w) * passes_clip)
-    loss_pre_dual = loss
-    if HAS_DUAL:
-        bound = -dual_clip * adv
+    flag_a = d != d  # all False (d is finite), shaped like the block
+    flag_b = flag_a
+    flag_c = flag_a
+    if OBJ == 0:  # PPO, with delta and dual clip
+        if F2:
+            unclipped = tl.minimum(ratio, p3)
+            d_unclipped = (ratio <= p3).to(tl.float32)
+        else:
+            unclipped = ratio
+            d_unclipped = tl.full(ratio.shape, 1.0, tl.float32)
+        clipped = tl.minimum(tl.maximum(ratio, p0), p1)
+        passes_clip = ((ratio >= p0) & (ratio <= p1)).to(tl.float32)
+        unclipped_term = unclipped * adv
+        clipped_term = clipped * adv
+        w = tie_weight(unclipped_term, clipped_term)
+        loss = -tl.minimum(unclipped_term, clipped_term)
+        dloss_dratio = -adv * (w * d_unclipped + (1.0 - w) * passes_clip)
         negative = adv < 0
-        dloss_dratio = tl.where(negative, dloss_dratio * tie_weight(loss, bound), dloss_dratio)
-        loss = tl.where(negative, tl.minimum(loss, bound), loss)
-    return loss, loss_pre_dual, dloss_dratio * ratio * passes_clamp, ratio
+        flag_a = (ratio < p0) & negative
+        flag_b = (ratio > p1) & (adv > 0)
+        if F1:
+            bound = -p2 * adv
+            flag_c = negative & (loss > bound)
+            dloss_dratio = tl.where(negative, dloss_dratio * tie_weight(loss, bound), dloss_dratio)
+            loss = tl.where(negative, tl.minimum(loss, bound), loss)
+        grad = dloss_dratio * ratio * passes_clamp
+    elif OBJ == 1:  # CISPO: -sg(clamp(r, low, high)) * A * logp
+        weight = ratio
+        if F1:
+            weight = tl.maximum(weight, p0)
+            flag_a = ratio < p0
+        if F2:
+            weight = tl.minimum(weight, p1)
+            flag_b = ratio > p1
+        loss = -weight * adv * logp
+        grad = -weight * adv
+    elif OBJ == 2:  # SAPO: -A * (4/tau) * sigmoid(tau * (r - 1))
+        tau = tl.where(adv > 0, p0, p1)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -adv * (4.0 / tau) * gate
+        grad = -adv * 4.0 * gate * (1.0 - gate) * ratio * passes_clamp
+    elif OBJ == 3:  # REINFORCE: -A * logp
+        loss = -adv * logp
+        grad = -adv
+    elif OBJ == 6:  # DRO: -(A * logp - beta/2 * d^2), d unclamped
+        loss = -(adv * logp - p0 / 2.0 * d * d)
+        grad = -(adv - p0 * d)
+    elif OBJ == 7:  # VESPO: -sg(phi) * A * logp
+        w_row = tl.exp(lw)
+        positive = adv >= 0
+        k = tl.where(positive, p0, p2)
+        lam = tl.where(positive, p1, p3)
+        phi = tl.exp(lam + k * lw - lam * w_row)
+        loss = -phi * adv * logp
+        grad = -phi * adv
+        ratio = w_row
+    else:  # DPPO (4: total variation, 5: binary KL): -A * w * sg(ok) * logp
+        weight = tl.minimum(ratio, p2)
+        p = tl.exp(logp)
+        q = tl.exp(old)
+        if OBJ == 4:
+            ok_pos = p - q <= p1
+            ok_neg = p - q >= -p0
+        else:
+            b = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            ok_pos = (b <= p1) | (p <= q)
+            ok_neg = (b <= p0) | (p >= q)
+        ok = tl.where(adv > 0, ok_pos, ok_neg)
+        flag_a = ok == 0
+        loss = -adv * weight * ok.to(tl.float32) * logp
+        grad = -adv * weight * ok.to(tl.float32)
+    return loss, grad, ratio, flag_a, flag_b, flag_c
+
+
+@triton.jit
+def kl_token(logp, ref, clamp, KIND: tl.constexpr):
+    """Mirror of ``kl.kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``)."""
+    diff = logp - ref
+    if KIND == 1 or KIND == 5:
+        value = diff
+    elif KIND == 2:
+        value = diff * diff / 2
+    elif KIND == 4 or KIND == 7:
+        value = tl.abs(diff)
+    else:
+        value, grad3 = k3_token(logp, ref, clamp)
+    if KIND >= 5:  # straight-through: k2's gradient
+        grad = diff
+    elif KIND == 1:
+        grad = tl.full(diff.shape, 1.0, tl.float32)
+    elif KIND == 2:
+        grad = diff
+    elif KIND == 4:
+        grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    else:
+        grad = grad3
+    return value, grad
+
+
+KL_KIND_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "k1+": 5, "k3+": 6, "abs+": 7}
 
 
 @triton.jit

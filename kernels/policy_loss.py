@@ -21,11 +21,28 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from ._common import NUM_WARPS, as_bytes, block_t, grad_buffer_dtype, k3_token, ppo_token
+from ._common import (
+    KL_KIND_CODES,
+    NUM_WARPS,
+    OBJ_CISPO,
+    OBJ_DPPO_KL,
+    OBJ_DPPO_TV,
+    OBJ_DRO,
+    OBJ_PPO,
+    OBJ_REINFORCE,
+    OBJ_SAPO,
+    OBJ_VESPO,
+    as_bytes,
+    block_t,
+    grad_buffer_dtype,
+    kl_token,
+    objective_token,
+)
 
 KL_CLAMP = 20.0  # rlloss.kl.KL_INPUT_CLAMP
-AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "constant": 3}
+AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "constant": 3, "token_sum": 4}
 # partial sums per chunk, in this order
 N_PARTIALS = 7
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
@@ -52,7 +69,7 @@ def _row_log_ratio_kernel(
     logp_ptr, old_ptr, mask_ptr, stats_ptr,
     T, C, n_chunks_total,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_m_b, s_m_t,
-    BLOCK_T: tl.constexpr,
+    max_log_ratio, CLAMP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid // C
@@ -60,21 +77,26 @@ def _row_log_ratio_kernel(
     in_row = offs < T
     valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
     d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
+    if CLAMP:  # VESPO sums the clamped log-ratios
+        d = tl.minimum(tl.maximum(d, -max_log_ratio), max_log_ratio)
     tl.store(stats_ptr + pid, tl.sum(d, axis=0))
     tl.store(stats_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
 
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr,
     T, C, n_chunks_total,
-    s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
-    lo, hi, dual_clip, max_log_ratio, beta, kl_clamp,
-    HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
-    HAS_DUAL: tl.constexpr, SEQ_LEVEL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
+    s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_w_b, s_w_t,
+    p0, p1, p2, p3, max_log_ratio, beta, kl_clamp,
+    OBJ: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROW_STAT: tl.constexpr,
+    HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, WEIGHTS: tl.constexpr,
+    HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, KL_KIND: tl.constexpr, KL_BIAS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """ROW_STAT 0: none; 1: GSPO, d is the row's mean log-ratio; 2: VESPO, the row's clamped sum.
+    WEIGHTS 0: none; 1: per row [B]; 2: per token [B, T]."""
     pid = tl.program_id(0)
     row = pid // C
     offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -91,20 +113,38 @@ def _policy_loss_fwd_kernel(
     else:
         adv = tl.where(valid, tl.load(adv_ptr + row * s_adv_b).to(tl.float32), 0.0)
 
-    if SEQ_LEVEL:  # GSPO: every token carries the row's mean log-ratio s_i
+    d = logp - old
+    lw = tl.zeros_like(d)
+    if ROW_STAT != 0:
         chunks = tl.arange(0, BLOCK_C)
         in_chunks = chunks < C
         d_sum = tl.sum(tl.load(stats_ptr + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
-        n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
-        d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
-    else:
-        d = logp - old
+        if ROW_STAT == 1:  # GSPO: every token carries the row's mean log-ratio s_i
+            n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
+            d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
+        else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
+            lw = tl.zeros_like(d) + tl.minimum(tl.maximum(d_sum, -18.420680743952367), 20.0)
 
-    loss, loss_pre_dual, grad, ratio = ppo_token(d, adv, lo, hi, dual_clip, max_log_ratio, HAS_DUAL)
+    loss, grad, ratio, flag_a, flag_b, flag_c = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
+                                                               OBJ, F1, F2)
+    if WEIGHTS == 1:
+        w = tl.where(valid, tl.load(w_ptr + row * s_w_b).to(tl.float32), 0.0)
+        loss = loss * w
+        grad = grad * w
+    elif WEIGHTS == 2:
+        w = _load_tokens(w_ptr, row, offs, s_w_b, s_w_t, in_row, valid)
+        loss = loss * w
+        grad = grad * w
     kl = tl.zeros_like(loss)
     if HAS_REF:
         ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, in_row, valid)
-        kl, dkl = k3_token(logp, ref, kl_clamp)
+        kl, dkl = kl_token(logp, ref, kl_clamp, KL_KIND)
+        if KL_BIAS:  # times exp(dc), not detached (token level)
+            raw = logp - old
+            bias = tl.exp(tl.minimum(tl.maximum(raw, -max_log_ratio), max_log_ratio))
+            passes = ((raw >= -max_log_ratio) & (raw <= max_log_ratio)).to(tl.float32)
+            dkl = dkl * bias + kl * bias * passes
+            kl = kl * bias
         if ADD_KL:
             loss = loss + beta * kl
             grad = grad + beta * dkl
@@ -116,19 +156,11 @@ def _policy_loss_fwd_kernel(
     if WRITE_TOKEN_LOSS:
         tl.store(tok_loss_ptr + row * T + offs, loss, mask=in_row)
     if WRITE_PARTIALS:
-        valid_f = valid.to(tl.float32)
-        negative = adv < 0
-        clip_low = (ratio < lo) & negative
-        clip_high = (ratio > hi) & (adv > 0)
-        if HAS_DUAL:
-            clip_dual = negative & (loss_pre_dual > -dual_clip * adv)
-        else:
-            clip_dual = offs < 0  # no dual clip: never binds
         tl.store(part_ptr + LOSS_ * n_chunks_total + pid, tl.sum(loss, axis=0))
-        tl.store(part_ptr + COUNT_ * n_chunks_total + pid, tl.sum(valid_f, axis=0))
-        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_low, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_high, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & clip_dual, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + COUNT_ * n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
+        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_a, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_b, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_c, 1.0, 0.0), axis=0))
         tl.store(part_ptr + RATIO_ * n_chunks_total + pid, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
         tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
 
@@ -208,9 +240,12 @@ def _combine_kernel(
     elif AGG == 2:
         loss = _safe_div(loss_sum, n_seq)
         factor = _safe_div(1.0, n_seq)
-    else:
+    elif AGG == 3:
         loss = _safe_div(loss_sum, n_seq * max_tokens)
         factor = _safe_div(1.0, n_seq * max_tokens)
+    else:  # token_sum
+        loss = loss_sum
+        factor = tl.full((), 1.0, tl.float32)
     tl.store(loss_ptr, loss * dp_size)
     tl.store(metrics_ptr + 0, _safe_div(clip_low, count))
     tl.store(metrics_ptr + 1, _safe_div(clip_high, count))
@@ -248,6 +283,47 @@ def _count_args(value: float | torch.Tensor | None, default: float, like: torch.
     return like, float(value), 1
 
 
+def objective_switches(objective) -> tuple[int, bool, bool, tuple[float, float, float, float], int, tuple[str, ...]]:
+    """(OBJ code, F1, F2, (p0..p3), ROW_STAT, metric names of the three indicator slots) of an objective."""
+    from rlloss.objectives import CISPO, DPPO, DRO, PPO, SAPO, VESPO, Reinforce
+
+    if isinstance(objective, PPO):
+        return (OBJ_PPO, objective.dual_clip is not None, objective.delta is not None,
+                (1 - objective.eps_low, 1 + objective.high, float(objective.dual_clip or 0.0), float(objective.delta or 0.0)),
+                1 if objective.level == "sequence" else 0, ("clip_low", "clip_high", "clip_dual"))
+    if isinstance(objective, CISPO):
+        return (OBJ_CISPO, objective.low is not None, objective.high is not None,
+                (float(objective.low or 0.0), float(objective.high or 0.0), 0.0, 0.0), 0, ("clip_low", "clip_high"))
+    if isinstance(objective, SAPO):
+        return OBJ_SAPO, False, False, (objective.tau_pos, objective.tau_neg, 0.0, 0.0), 0, ()
+    if isinstance(objective, Reinforce):
+        return OBJ_REINFORCE, False, False, (0.0, 0.0, 0.0, 0.0), 0, ()
+    if isinstance(objective, DPPO):
+        code = OBJ_DPPO_TV if objective.divergence == "tv" else OBJ_DPPO_KL
+        return code, False, False, (objective.low, objective.high, objective.weight_cap, 0.0), 0, ("outside_region",)
+    if isinstance(objective, DRO):
+        return OBJ_DRO, False, False, (objective.beta, 0.0, 0.0, 0.0), 0, ()
+    if isinstance(objective, VESPO):
+        return (OBJ_VESPO, False, False, (objective.k_pos, max(objective.lam_pos, 1e-4), objective.k_neg,
+                                          max(objective.lam_neg, 1e-4)), 2, ())
+    raise ValueError(f"no fused kernel for objective {type(objective).__name__}")
+
+
+def fused_support(objective, kl_bias_correction: bool) -> str | None:
+    """None when the fused kernels run this configuration, else what they do not run (said in errors)."""
+    from rlloss.objectives import GMPO, PPO, ClipCov, KLCov
+
+    if isinstance(objective, (KLCov, ClipCov)):
+        return (f"{type(objective).__name__}: it selects tokens across the whole batch (top-k or a seeded "
+                "random draw), which the reference does in PyTorch")
+    if isinstance(objective, GMPO):
+        return "GMPO: its per-row geometric mean has no fused kernel yet"
+    if kl_bias_correction and isinstance(objective, PPO) and objective.level == "sequence":
+        return ("kl_bias_correction at level='sequence': its gradient couples every token of a row through the "
+                "row mean")
+    return None
+
+
 def per_token_pass(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -255,17 +331,17 @@ def per_token_pass(
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None,
     *,
+    objective,
     beta: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    level: str,
+    kl: str = "k3",
+    kl_bias_correction: bool = False,
+    token_weights: torch.Tensor | None = None,
     max_log_ratio: float,
     write_grad: bool,
     write_partials: bool,
     write_token_loss: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
-    """Launch the row-ratio (GSPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
+    """Launch the row-statistics (GSPO, VESPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
     B, T = logp.shape
     bt = block_t(T)
     C = triton.cdiv(T, bt)
@@ -277,26 +353,31 @@ def per_token_pass(
     token_loss = torch.empty((B, T), dtype=torch.float32, device=dev) if write_token_loss else None
     if n == 0:
         return g, partials, token_loss, C
-    seq = level == "sequence"
+    code, f1, f2, params, row_stat, _ = objective_switches(objective)
     old = logp if old_logp is None else old_logp
-    stats = torch.empty((2, n), dtype=torch.float32, device=dev) if seq else None
-    if seq:
+    stats = torch.empty((2, n), dtype=torch.float32, device=dev) if row_stat else None
+    if row_stat:
         _row_log_ratio_kernel[(n,)](
             logp, old, mask_u8, stats, T, C, n, *_strides(logp), *_strides(old), *_strides(mask_u8),
-            BLOCK_T=bt, num_warps=NUM_WARPS,
+            float(max_log_ratio), CLAMP=row_stat == 2, BLOCK_T=bt, num_warps=NUM_WARPS,
         )
     per_token_adv = adv.dim() == 2
     adv_strides = _strides(adv) if per_token_adv else (adv.stride(0), 0)
+    weights_mode = 0 if token_weights is None else token_weights.dim()
+    w_strides = (0, 0) if token_weights is None else (
+        _strides(token_weights) if weights_mode == 2 else (token_weights.stride(0), 0))
     dummy = logp  # pointer for arguments a constexpr switch leaves unread
     _policy_loss_fwd_kernel[(n,)](
-        logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp, stats if seq else dummy,
+        logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp,
+        dummy if token_weights is None else token_weights, stats if row_stat else dummy,
         dummy if g is None else g, dummy if partials is None else partials, dummy if token_loss is None else token_loss,
         T, C, n,
-        *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp),
-        1 - eps_low, 1 + eps_high, 0.0 if dual_clip is None else float(dual_clip), float(max_log_ratio), float(beta),
-        KL_CLAMP,
-        HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, HAS_REF=ref_logp is not None,
-        ADD_KL=ref_logp is not None and beta != 0, HAS_DUAL=dual_clip is not None, SEQ_LEVEL=seq,
+        *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp), *w_strides,
+        *(float(p) for p in params), float(max_log_ratio), float(beta), KL_CLAMP,
+        OBJ=code, F1=f1, F2=f2, ROW_STAT=row_stat,
+        HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode,
+        HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=KL_KIND_CODES[kl],
+        KL_BIAS=ref_logp is not None and kl_bias_correction,
         WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
         BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), num_warps=NUM_WARPS,
     )
@@ -325,14 +406,13 @@ def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, ro
 
 class _PolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
-                aggregation, max_tokens, num_tokens, num_seqs, dp_size):
+    def forward(ctx, logp, old_logp, adv, mask, ref_logp, token_weights, needs_grad, objective, beta, kl,
+                kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
         B, _ = logp.shape
-        needs_grad = ctx.needs_input_grad[0]
         g, partials, _, C = per_token_pass(
-            logp, old_logp, adv, mask, ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-            level=level, max_log_ratio=max_log_ratio, write_grad=needs_grad, write_partials=True,
-            write_token_loss=False,
+            logp, old_logp, adv, mask, ref_logp, objective=objective, beta=beta, kl=kl,
+            kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
+            write_grad=needs_grad, write_partials=True, write_token_loss=False,
         )
         dev = logp.device
         loss = torch.empty((), dtype=torch.float32, device=dev)
@@ -357,30 +437,38 @@ class _PolicyLossFunction(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
-            return (None,) * 16
+            return (None,) * 17
         g, factor, row_factor = ctx.saved_tensors
         grad = scale_grad(g, grad_loss, factor, row_factor, ctx.logp_dtype)
-        return (grad,) + (None,) * 15
+        return (grad,) + (None,) * 16
 
 
-def policy_loss_triton(logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
-                       aggregation, max_tokens, num_tokens, num_seqs, dp_size):
-    """The fused ``policy_loss`` on validated inputs: returns ``(loss, metrics)``.
+def policy_loss_triton(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
+                       max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
+    """The fused ``policy_loss`` on validated inputs (``fused_support`` is None): ``(loss, metrics)``.
 
     fp64 inputs go to the reference (the kernels accumulate in fp32 by design). Only ``logp``
-    receives a gradient; the others are constants, as in the reference.
+    receives a gradient; the others are constants, as in the reference. The gradient buffer is
+    written only when a gradient will be asked for (grad mode on and ``logp`` requiring it).
     """
-    args = (logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
-            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
-    if any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, adv, ref_logp)):
+    args = (logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
+            max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    if any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, adv, ref_logp, token_weights)):
         from rlloss.loss import _policy_loss_torch
 
         return tuple(_policy_loss_torch(*args))
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    needs_grad = torch.is_grad_enabled() and logp.requires_grad
     loss, metrics = _PolicyLossFunction.apply(
-        logp, detach(old_logp), adv.detach(), mask, detach(ref_logp), *args[5:]
+        logp, detach(old_logp), adv.detach(), mask, detach(ref_logp), detach(token_weights), needs_grad, objective,
+        beta, kl, kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size,
     )
-    names = METRIC_NAMES if ref_logp is not None else METRIC_NAMES[:-1]
-    return loss, {name: metrics[i] for i, name in enumerate(names)}
+    slots = objective_switches(objective)[5]
+    out = {name: metrics[i] for i, name in enumerate(slots)}
+    out["ratio_mean"] = metrics[3]
+    if ref_logp is not None:
+        out["kl_mean"] = metrics[4]
+    return loss, out

@@ -11,13 +11,45 @@ from .aggregation import masked_mean
 from .kl import k3_kl, kl_estimate
 from .logits import policy_loss_from_logits, token_logprobs
 from .loss import PolicyLoss, policy_loss
+from .objectives import CISPO, DPPO, DRO, GMPO, PPO, SAPO, VESPO, ClipCov, KLCov, Objective, Reinforce
 from .recipes import DAPO, DR_GRPO, GRPO, GSPO, Recipe
 from .shaping import dynamic_sampling_mask, soft_overlong_penalty
-from .surrogates import clipped_surrogate
+from .surrogates import (
+    cispo_surrogate,
+    clip_cov_surrogate,
+    clipped_surrogate,
+    dppo_surrogate,
+    dro_surrogate,
+    gmpo_surrogate,
+    kl_cov_surrogate,
+    reinforce_surrogate,
+    sapo_surrogate,
+    vespo_surrogate,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CISPO",
+    "DPPO",
+    "DRO",
+    "GMPO",
+    "PPO",
+    "SAPO",
+    "VESPO",
+    "ClipCov",
+    "KLCov",
+    "Objective",
+    "Reinforce",
+    "cispo_surrogate",
+    "clip_cov_surrogate",
+    "dppo_surrogate",
+    "dro_surrogate",
+    "gmpo_surrogate",
+    "kl_cov_surrogate",
+    "reinforce_surrogate",
+    "sapo_surrogate",
+    "vespo_surrogate",
     "DAPO",
     "DR_GRPO",
     "GRPO",

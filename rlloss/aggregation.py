@@ -7,7 +7,7 @@ import torch
 from ._dispatch import resolve_backend
 from ._validate import check_count, check_float, check_mask, check_number, compute_dtype
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
@@ -112,8 +112,10 @@ def aggregate(
         loss = safe_div(row.sum(), n_seq)
     elif aggregation == "seq_mean_token_sum":
         loss = safe_div(per_token.sum(), n_seq)
-    else:  # constant (Dr. GRPO)
+    elif aggregation == "constant":  # Dr. GRPO
         loss = safe_div(per_token.sum(), n_seq * max_tokens)
+    else:  # token_sum (verl)
+        loss = per_token.sum()
     return loss * dp_size
 
 

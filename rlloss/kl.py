@@ -7,16 +7,22 @@ import torch
 from ._dispatch import resolve_backend
 from ._validate import check_choice, check_float, check_same_device, check_same_shape, compute_dtype
 
-KL_KINDS = ("k1", "k2", "k3")
+KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
+BASE_KINDS = ("k1", "k2", "k3", "abs")
 KL_INPUT_CLAMP = 20.0  # k3 exponentiates ref_logp - logp: the clamp keeps exp finite in fp32
 
 
 def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """The estimator on tensors already in the compute dtype (no checks, no casts)."""
+    if kind.endswith("+"):  # straight-through: the base estimator's value, k2's gradient (verl)
+        k2 = kl_terms(logp, ref_logp, "k2")
+        return k2 - k2.detach() + kl_terms(logp, ref_logp, kind[:-1]).detach()
     if kind == "k1":
         return logp - ref_logp
     if kind == "k2":
         return (logp - ref_logp) ** 2 / 2
+    if kind == "abs":
+        return (logp - ref_logp).abs()
     x = torch.clamp(ref_logp - logp, -KL_INPUT_CLAMP, KL_INPUT_CLAMP)
     return torch.exp(x) - x - 1
 
@@ -44,13 +50,17 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, *, kind: str = "k3",
     * ``k3 = exp(x) - x - 1`` with ``x = clamp(ref_logp - logp, -20, 20)`` (unbiased, >= 0;
       GRPO's estimator, verl ``low_var_kl``). The clamp keeps ``exp`` finite; it binds only at
       log-ratios no trainer should see, and its gradient is zero there, as autograd gives.
+      (verl also clamps k3's value to +-10: not followed.)
+    * ``abs = |logp - ref_logp|``;
+    * ``"k1+"``, ``"k3+"``, ``"abs+"``: straight-through, the value of the base estimator with the
+      gradient of k2 (``k2 - sg(k2) + sg(base)``), as verl's ``+`` kinds.
 
     TRL's default ``beta`` was 0.04 (GRPO); DAPO and Dr. GRPO use no KL term.
 
     Args:
         logp: log-probs of the sampled tokens under the policy, any shape; carries the gradient.
         ref_logp: the same under the frozen reference, same shape; treated as a constant.
-        kind: ``"k1" | "k2" | "k3"``.
+        kind: ``"k1" | "k2" | "k3" | "abs" | "k1+" | "k3+" | "abs+"``.
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:

@@ -7,12 +7,14 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_float, check_number, check_same_device, check_same_shape
+from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape
 from .aggregation import aggregate, check_aggregation, safe_div
-from .kl import kl_terms
-from .surrogates import check_surrogate_args, log_ratio, ppo_token_loss, prepare_inputs
+from .kl import KL_KINDS, kl_terms
+from .objectives import GMPO, PPO, Objective, resolve_objective
+from .surrogates import check_surrogate_args, prepare_inputs
 
 METRICS = ("clip_low", "clip_high", "clip_dual", "ratio_mean", "kl_mean")
+PPO_DEFAULTS = {"eps_low": 0.2, "eps_high": None, "dual_clip": None, "delta": None, "level": "token"}
 
 
 class PolicyLoss(NamedTuple):
@@ -22,33 +24,43 @@ class PolicyLoss(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
-def token_metrics(
-    ratio: torch.Tensor,
-    adv: torch.Tensor,
-    loss_pre_dual: torch.Tensor,
-    kl: torch.Tensor | None,
-    mask: torch.Tensor,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-) -> dict[str, torch.Tensor]:
-    """Masked means over the valid tokens of the call, detached (0 when no token is valid)."""
-    ratio, adv, loss_pre_dual = ratio.detach(), adv.detach(), loss_pre_dual.detach()
-    n = mask.sum().to(ratio.dtype)
+def masked_metric(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Detached mean of ``x`` over the valid tokens of the call (0 when there are none)."""
+    x = x.detach()
+    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    kept = torch.where(mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    return safe_div(kept.sum(), mask.sum().to(dtype))
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return safe_div(torch.where(mask, x.to(ratio.dtype), torch.zeros_like(ratio)).sum(), n)
 
-    dual = torch.zeros_like(mask) if dual_clip is None else (adv < 0) & (loss_pre_dual > -dual_clip * adv)
-    metrics = {
-        "clip_low": mean((ratio < 1 - eps_low) & (adv < 0)),
-        "clip_high": mean((ratio > 1 + eps_high) & (adv > 0)),
-        "clip_dual": mean(dual),
-        "ratio_mean": mean(ratio),
-    }
-    if kl is not None:
-        metrics["kl_mean"] = mean(kl.detach())
-    return metrics
+def bias_correction_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, objective: Objective,
+                          max_log_ratio: float) -> torch.Tensor:
+    """The ratio the KL term is multiplied by with ``kl_bias_correction`` (not detached).
+
+    Token level ``exp(dc)``; at ``level="sequence"`` the row's ``exp(clamp(sum_t m*d / max(n_i, 1)))``,
+    the gradient flowing through the row mean (TRL ``use_bias_correction_kl``, DeepSeek-V3.2).
+    """
+    d = logp - old_logp
+    if getattr(objective, "level", "token") == "sequence":
+        n = mask.sum(-1, keepdim=True).clamp(min=1).to(d.dtype)
+        d = (torch.where(mask, d, torch.zeros_like(d)).sum(-1, keepdim=True) / n).expand_as(d)
+    return torch.exp(torch.clamp(d, -max_log_ratio, max_log_ratio))
+
+
+def _gmpo_loss_torch(objective: GMPO, lp, old, a, mask, kl, beta, weights, max_log_ratio, num_seqs, dp_size):
+    """GMPO: ``sum_i (w_i * l_i + sum_t m*beta*kl / n_i) / N_seq``."""
+    row, rho = objective.row_loss(lp, old, a, mask, max_log_ratio)
+    if weights is not None:
+        if weights.dim() == 1:
+            row = row * weights
+        else:  # verl: the geometric mean of the token weights of the row
+            n = mask.sum(-1).clamp(min=1).to(lp.dtype)
+            logw = torch.where(mask, torch.log(weights + 1e-10), torch.zeros_like(weights)).sum(-1) / n
+            row = row * torch.exp(logw)
+    per_token_kl = torch.zeros_like(lp) if kl is None or beta == 0 else beta * kl
+    per_token = torch.where(mask, per_token_kl, torch.zeros_like(lp))
+    kl_rows = safe_div(per_token.sum(-1), mask.sum(-1).to(lp.dtype))
+    n_seq = torch.as_tensor(lp.shape[0] if num_seqs is None else num_seqs, dtype=lp.dtype, device=lp.device)
+    return safe_div((row + kl_rows).sum(), n_seq) * dp_size, rho[:, None].expand_as(lp)
 
 
 def _policy_loss_torch(
@@ -56,12 +68,12 @@ def _policy_loss_torch(
     old_logp: torch.Tensor | None,
     adv: torch.Tensor,
     mask: torch.Tensor,
+    objective: Objective,
     ref_logp: torch.Tensor | None,
     beta: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    level: str,
+    kl: str,
+    kl_bias_correction: bool,
+    token_weights: torch.Tensor | None,
     max_log_ratio: float,
     aggregation: str,
     max_tokens: float | None,
@@ -70,19 +82,60 @@ def _policy_loss_torch(
     dp_size: int,
 ) -> PolicyLoss:
     lp, old, a = prepare_inputs(logp, old_logp, adv, mask)
-    ratio = torch.exp(log_ratio(lp, old, mask, level, max_log_ratio))
-    loss, loss_pre_dual = ppo_token_loss(ratio, a, eps_low, eps_high, dual_clip)
-    kl = None
+    zero = torch.zeros_like(lp)
+    weights = None
+    if token_weights is not None:
+        w = token_weights.detach().to(lp.dtype)
+        weights = w if w.dim() == 1 and objective.per_row else torch.where(mask, w[:, None] if w.dim() == 1 else w, zero)
+    kl_value = None
     if ref_logp is not None:
-        ref = torch.where(mask, ref_logp.detach().to(lp.dtype), torch.zeros_like(lp))
-        kl = kl_terms(lp, ref, "k3")
-        if beta != 0:
-            loss = loss + beta * kl
-    per_token = torch.where(mask, loss, torch.zeros_like(loss))
-    total = aggregate(
-        per_token, mask, aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size
-    )
-    return PolicyLoss(total, token_metrics(ratio, a, loss_pre_dual, kl, mask, eps_low, eps_high, dual_clip))
+        ref = torch.where(mask, ref_logp.detach().to(lp.dtype), zero)
+        kl_value = kl_terms(lp, ref, kl)
+        if kl_bias_correction:
+            kl_value = kl_value * bias_correction_ratio(lp, old, mask, objective, max_log_ratio)
+    metrics: dict[str, torch.Tensor] = {}
+    if isinstance(objective, GMPO):
+        total, ratio = _gmpo_loss_torch(objective, lp, old, a, mask, kl_value, beta, weights, max_log_ratio,
+                                        num_seqs, dp_size)
+    else:
+        loss, ratio, flags = objective.token_loss(lp, old, a, mask, max_log_ratio)
+        metrics.update({name: masked_metric(flag, mask) for name, flag in flags.items()})
+        if weights is not None:
+            loss = loss * weights
+        if kl_value is not None and beta != 0:
+            loss = loss + beta * kl_value
+        per_token = torch.where(mask, loss, zero)
+        total = aggregate(per_token, mask, aggregation, max_tokens=max_tokens, num_tokens=num_tokens,
+                          num_seqs=num_seqs, dp_size=dp_size)
+    metrics["ratio_mean"] = masked_metric(ratio, mask)
+    if kl_value is not None:
+        metrics["kl_mean"] = masked_metric(kl_value, mask)
+    return PolicyLoss(total, metrics)
+
+
+def resolve_policy_objective(objective: object, flat: dict[str, object]) -> Objective:
+    """``objective=None``: PPO from the flat arguments; otherwise the flat ones must be left alone."""
+    if objective is None:
+        return PPO(**flat)  # type: ignore[arg-type]
+    changed = [name for name, value in flat.items() if value != PPO_DEFAULTS[name]]
+    if changed:
+        raise TypeError(f"{changed[0]}={flat[changed[0]]!r} is a PPO argument; with objective={objective!r} "
+                        f"set it on the objective (rlloss.PPO({changed[0]}=...)) instead")
+    return resolve_objective(objective)
+
+
+def check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tensor | None:
+    if token_weights is None:
+        return None
+    w = check_float("token_weights", token_weights)
+    B, T = logp.shape
+    if w.shape not in (torch.Size([B]), torch.Size([B, T])):
+        raise ValueError(f"token_weights must be [B]={[B]} or [B, T]={[B, T]}, got {list(w.shape)}")
+    if w.requires_grad:
+        raise ValueError("token_weights must be detached (importance weights and keep-masks are constants); "
+                         "pass token_weights.detach()")
+    check_same_device(logp=logp, token_weights=w)
+    return w
 
 
 def policy_loss(
@@ -91,11 +144,16 @@ def policy_loss(
     adv: torch.Tensor,
     mask: torch.Tensor,
     *,
+    objective: Objective | str | None = None,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl: str = "k3",
+    kl_bias_correction: bool = False,
+    token_weights: torch.Tensor | None = None,
     eps_low: float = 0.2,
     eps_high: float | None = None,
     dual_clip: float | None = None,
+    delta: float | None = None,
     level: str = "token",
     max_log_ratio: float = 20.0,
     aggregation: str = "token_mean",
@@ -105,39 +163,50 @@ def policy_loss(
     dp_size: int = 1,
     backend: str = "auto",
 ) -> PolicyLoss:
-    r"""The scalar policy-gradient loss of GRPO-family recipes, with metrics.
+    r"""The scalar policy-gradient loss of GRPO-family recipes and their relatives, with metrics.
 
-    Per token ``l = clipped_surrogate(...) + beta * k3_kl(logp, ref_logp)`` (see those functions),
-    ``M`` the mask, then by ``aggregation``:
+    Per token ``l = w * surrogate + beta * KL``: ``surrogate`` is the objective's per-token loss
+    (PPO's clip by default, built from the flat arguments ``eps_low``, ``eps_high``,
+    ``dual_clip``, ``delta``, ``level``; or ``objective=`` an object of ``rlloss.objectives`` or
+    its name: ``"ppo"``, ``"cispo"``, ``"sapo"``, ``"reinforce"``, ``"dppo_tv"``, ``"dppo_kl"``,
+    ``"vespo"``, ``"gmpo"``, ``"kl_cov"``, ``"clip_cov"``; DRO has no defaults, pass
+    ``rlloss.DRO(beta=...)``), ``w`` the ``token_weights`` (importance weights, keep-masks; never
+    the normaliser), ``KL = kl_estimate(logp, ref_logp, kind=kl)``, times the ratio ``exp(dc)``
+    with ``kl_bias_correction`` (not detached; DeepSeek-V3.2). ``M`` the mask, then by ``aggregation``:
 
     ======================== ====================================== ==========================
     aggregation              loss                                   recipe
     ======================== ====================================== ==========================
     ``token_mean``           ``sum(l*M) / N_tok``                   DAPO, BNPO
     ``seq_mean_token_mean``  ``sum_i (sum_t l*M / n_i) / N_seq``    GRPO (as published)
-    ``seq_mean_token_sum``   ``sum_i sum_t l*M / N_seq``
+    ``seq_mean_token_sum``   ``sum_i sum_t l*M / N_seq``            LUSPO
     ``constant``             ``sum(l*M) / (N_seq * max_tokens)``    Dr. GRPO
+    ``token_sum``            ``sum(l*M)``                           verl ``token-sum``
     ======================== ====================================== ==========================
 
-    ``N_tok = num_tokens`` if given else ``mask.sum()``; ``N_seq = num_seqs`` if given else ``B``;
-    ``n_i`` the valid tokens of row ``i`` (an empty row contributes 0). The loss is multiplied by
-    ``dp_size``. Any zero normaliser gives a loss of 0 with zero gradient, never NaN.
+    ``N_tok = num_tokens`` if given else ``mask.sum()``; ``N_seq = num_seqs`` if given else ``B``
+    (TRL; verl's seq-mean modes count non-empty rows: pass ``num_seqs`` to reproduce it); ``n_i``
+    the valid tokens of row ``i`` (an empty row contributes 0). The loss is multiplied by
+    ``dp_size``. Any zero normaliser gives a loss of 0 with zero gradient, never NaN (verl
+    divides 0 by 0 when rejection empties a micro-batch). GMPO is per row and takes only
+    ``seq_mean_token_mean``.
 
     Gradient accumulation and data parallelism: pass the counts of the whole optimizer step (all
-    micro-batches, all ranks) as ``num_tokens``/``num_seqs`` and the number of ranks as
-    ``dp_size``; then the sum of the micro-batch losses, averaged over ranks as DDP/FSDP do, has
-    exactly the gradient of the full-batch objective. The local defaults are right only for one
-    micro-batch on one process: a mean of micro-batch means weights tokens unequally (GRPO's
-    length bias, Liu et al. 2025, arXiv 2503.20783, is of the same kind).
+    micro-batches, all ranks; ``rlloss.distributed.step_counts``) as ``num_tokens``/``num_seqs`` and
+    the number of ranks as ``dp_size``; then the sum of the micro-batch losses, averaged over ranks
+    as DDP/FSDP do, has exactly the gradient of the full-batch objective (for every objective that
+    is a sum over tokens or rows: not KL-Cov/Clip-Cov, whose selection spans the call, nor GMPO's
+    per-row weights' mean). The local defaults are right only for one micro-batch on one process.
 
     Metrics (detached masked means over the valid tokens of this call; 0 when there are none):
-    ``clip_low`` (``r < 1-eps_low`` and ``A < 0``), ``clip_high`` (``r > 1+eps_high`` and
-    ``A > 0``), ``clip_dual`` (the dual-clip bound binds), ``ratio_mean``, and ``kl_mean`` (k3,
-    when ``ref_logp`` is given).
+    ``ratio_mean``; ``kl_mean`` when ``ref_logp`` is given; PPO: ``clip_low`` (``r < 1-eps_low``
+    and ``A < 0``), ``clip_high`` (``r > 1+eps_high`` and ``A > 0``), ``clip_dual``; CISPO: the
+    fractions whose weight hit ``low``/``high``; DPPO: ``outside_region``; KL-Cov/Clip-Cov:
+    ``cov_selected``.
 
     Recipes (``rlloss.recipes``): GRPO ``eps 0.2/0.2, seq_mean_token_mean, beta 0.04``; DAPO
     ``0.2/0.28, token_mean, beta 0``; Dr. GRPO ``0.2/0.2, constant, beta 0``; GSPO
-    ``3e-4/4e-4, level="sequence", seq_mean_token_mean``.
+    ``3e-4/4e-4, level="sequence", seq_mean_token_mean``; CISPO, SAPO, LUSPO, GMPO, DPPO.
 
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the policy (fp16/bf16/fp32/fp64);
@@ -145,9 +214,14 @@ def policy_loss(
         old_logp: ``[B, T]`` under the sampling policy, or None for ``sg(logp)``.
         adv: ``[B]`` or ``[B, T]`` advantages.
         mask: ``[B, T]`` bool (or numeric, non-zero = valid).
+        objective: None (PPO from the flat arguments), an objective object, or its name.
         ref_logp: ``[B, T]`` under the frozen reference; required when ``beta != 0``.
         beta: KL coefficient (GRPO 0.04; DAPO and Dr. GRPO 0).
-        eps_low, eps_high, dual_clip, level, max_log_ratio: the surrogate's options.
+        kl: the KL estimator (``kl_estimate``'s kinds), default ``"k3"``.
+        kl_bias_correction: multiply the KL term by the importance ratio.
+        token_weights: ``[B, T]`` or ``[B]``, detached; multiplies the surrogate term only.
+        eps_low, eps_high, dual_clip, delta, level: PPO's options (``objective=None`` only).
+        max_log_ratio: the clamp of ``logp - old_logp`` (every objective).
         aggregation, max_tokens, num_tokens, num_seqs, dp_size: the normaliser, as above.
         backend: ``"auto" | "torch" | "triton"``.
 
@@ -155,11 +229,17 @@ def policy_loss(
         ``PolicyLoss(loss, metrics)``: a 0-d fp32 loss (fp64 for fp64 inputs) and a dict of 0-d
         detached fp32 metrics.
     """
-    mask, eps_high = check_surrogate_args(
+    mask, _ = check_surrogate_args(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
         max_log_ratio=max_log_ratio,
     )
+    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
+                                               "delta": delta, "level": level})
     check_number("beta", beta, low=0)
+    check_choice("kl", kl, KL_KINDS)
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    token_weights = check_token_weights(token_weights, logp)
     if ref_logp is not None:
         check_float("ref_logp", ref_logp)
         check_same_shape("ref_logp", ref_logp, "logp", logp)
@@ -170,10 +250,18 @@ def policy_loss(
         aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
         device=logp.device,
     )
-    args = (logp, old_logp, adv, mask, ref_logp, beta, eps_low, eps_high, dual_clip, level, max_log_ratio,
+    if obj.per_row and aggregation != "seq_mean_token_mean":
+        raise ValueError(f'objective {obj.name} is per sequence and takes only aggregation="seq_mean_token_mean", '
+                         f"got aggregation={aggregation!r}")
+    args = (logp, old_logp, adv, mask, obj, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
             aggregation, max_tokens, num_tokens, num_seqs, dp_size)
-    if resolve_backend(backend, logp, old_logp, adv, mask, ref_logp) == "triton":
-        from .kernels.policy_loss import policy_loss_triton
+    chosen = resolve_backend(backend, logp, old_logp, adv, mask, ref_logp)
+    if chosen == "triton":
+        from .kernels.policy_loss import fused_support, policy_loss_triton
 
-        return PolicyLoss(*policy_loss_triton(*args))
+        reason = fused_support(obj, kl_bias_correction)
+        if reason is None:
+            return PolicyLoss(*policy_loss_triton(*args))
+        if backend == "triton":
+            raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
     return _policy_loss_torch(*args)

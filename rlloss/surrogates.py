@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
+from .objectives import CISPO, DPPO, DRO, GMPO, PPO, SAPO, VESPO, ClipCov, KLCov, Objective, Reinforce
 from ._validate import (
     check_adv,
     check_choice,
@@ -39,34 +40,6 @@ def prepare_inputs(
     return lp, old, a
 
 
-def log_ratio(
-    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str, max_log_ratio: float
-) -> torch.Tensor:
-    """Clamped log importance ratio ``[B, T]`` (inputs already 0 where masked).
-
-    token: ``clamp(logp - old_logp)``. sequence (GSPO): ``logp - sg(logp) + s_i`` with
-    ``s_i = sg(masked_mean_t(logp - old_logp))`` (0 for an empty row): its value is the row's mean
-    log-ratio, its gradient that of ``logp``.
-    """
-    d = logp - old_logp
-    if level == "sequence":
-        n = mask.sum(-1).clamp(min=1).to(d.dtype)
-        s = (d.detach().sum(-1) / n)[:, None]
-        d = logp - logp.detach() + s
-    return torch.clamp(d, -max_log_ratio, max_log_ratio)
-
-
-def ppo_token_loss(
-    ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float, dual_clip: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)``, then the dual clip; also the pre-dual loss."""
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    loss = -surrogate
-    if dual_clip is None:
-        return loss, loss
-    return torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss), loss
-
-
 def check_surrogate_args(
     logp: object,
     old_logp: object,
@@ -98,21 +71,19 @@ def check_surrogate_args(
     return mask, eps_high
 
 
-def _clipped_surrogate_torch(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    level: str,
-    max_log_ratio: float,
-) -> torch.Tensor:
+def objective_surrogate_torch(objective: Objective, logp: torch.Tensor, old_logp: torch.Tensor | None,
+                              adv: torch.Tensor, mask: torch.Tensor, max_log_ratio: float) -> torch.Tensor:
+    """The objective's per-token loss, 0 where masked (per row ``[B]`` for GMPO)."""
     lp, old, a = prepare_inputs(logp, old_logp, adv, mask)
-    ratio = torch.exp(log_ratio(lp, old, mask, level, max_log_ratio))
-    loss, _ = ppo_token_loss(ratio, a, eps_low, eps_high, dual_clip)
+    if isinstance(objective, GMPO):
+        return objective.row_loss(lp, old, a, mask, max_log_ratio)[0]
+    loss, _, _ = objective.token_loss(lp, old, a, mask, max_log_ratio)
     return torch.where(mask, loss, torch.zeros_like(loss))
+
+
+def _clipped_surrogate_torch(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, level, max_log_ratio, delta=None):
+    objective = PPO(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, level=level)
+    return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
 
 
 def clipped_surrogate(
@@ -126,6 +97,7 @@ def clipped_surrogate(
     dual_clip: float | None = None,
     level: str = "token",
     max_log_ratio: float = 20.0,
+    delta: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Per-token PPO clipped surrogate loss (Schulman et al. 2017, arXiv 1707.06347).
@@ -135,6 +107,7 @@ def clipped_surrogate(
         d = clamp(logp - old_logp, -max_log_ratio, max_log_ratio),   r = exp(d)
         l = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
         dual clip c > 1 (Ye et al. 2020, arXiv 1912.09729): where A < 0, l = min(l, -c * A)
+        delta (INTELLECT-2, arXiv 2505.07291): the unclipped branch uses min(r, delta)
 
     * ``eps_high=None`` means ``eps_low`` (GRPO: 0.2/0.2). DAPO's clip-higher (Yu et al. 2025,
       arXiv 2503.14476) decouples them: ``eps_low=0.2, eps_high=0.28``.
@@ -164,8 +137,95 @@ def clipped_surrogate(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
         max_log_ratio=max_log_ratio,
     )
-    if resolve_backend(backend, logp, old_logp, adv, mask) == "triton":
-        from .kernels.surrogate import clipped_surrogate_triton
+    objective = PPO(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, level=level)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, mask, max_log_ratio, backend)
 
-        return clipped_surrogate_triton(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, level, max_log_ratio)
-    return _clipped_surrogate_torch(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, level, max_log_ratio)
+
+def _dispatch_surrogate(objective: Objective, logp, old_logp, adv, mask, max_log_ratio, backend) -> torch.Tensor:
+    if resolve_backend(backend, logp, old_logp, adv, mask) == "triton":
+        from .kernels.policy_loss import fused_support
+        from .kernels.surrogate import objective_surrogate_triton
+
+        reason = fused_support(objective, False)
+        if reason is None:
+            return objective_surrogate_triton(objective, logp, old_logp, adv, mask, max_log_ratio)
+        if backend == "triton":
+            raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
+    return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
+
+
+def _checked(logp, old_logp, adv, mask, max_log_ratio) -> torch.Tensor:
+    mask, _ = check_surrogate_args(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None, dual_clip=None,
+                                   level="token", max_log_ratio=max_log_ratio)
+    return mask
+
+
+def cispo_surrogate(logp, old_logp, adv, mask=None, *, low: float | None = None, high: float | None = 5.0,
+                    max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token CISPO loss ``-sg(clamp(r, low, high)) * A * logp`` (see ``rlloss.CISPO``), 0 where masked."""
+    objective = CISPO(low=low, high=high)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def sapo_surrogate(logp, old_logp, adv, mask=None, *, tau_pos: float = 1.0, tau_neg: float = 1.05,
+                   max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token SAPO loss ``-A * (4/tau) * sigmoid(tau * (r - 1))`` (see ``rlloss.SAPO``), 0 where masked."""
+    objective = SAPO(tau_pos=tau_pos, tau_neg=tau_neg)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def reinforce_surrogate(logp, old_logp, adv, mask=None, *, max_log_ratio: float = 20.0,
+                        backend: str = "auto") -> torch.Tensor:
+    """Per-token REINFORCE loss ``-A * logp`` (see ``rlloss.Reinforce``), 0 where masked."""
+    return _dispatch_surrogate(Reinforce(), logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def dppo_surrogate(logp, old_logp, adv, mask=None, *, divergence: str = "tv", low: float = 0.2, high: float = 0.2,
+                   weight_cap: float = 3.0, max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token DPPO loss ``-A * w * sg(ok) * logp`` (see ``rlloss.DPPO``), 0 where masked."""
+    objective = DPPO(divergence=divergence, low=low, high=high, weight_cap=weight_cap)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def dro_surrogate(logp, old_logp, adv, mask=None, *, beta: float, max_log_ratio: float = 20.0,
+                  backend: str = "auto") -> torch.Tensor:
+    """Per-token DRO loss ``-(A * logp - beta/2 * d^2)`` (see ``rlloss.DRO``), 0 where masked."""
+    return _dispatch_surrogate(DRO(beta=beta), logp, old_logp, adv,
+                               _checked(logp, old_logp, adv, mask, max_log_ratio), max_log_ratio, backend)
+
+
+def vespo_surrogate(logp, old_logp, adv, mask=None, *, k_pos: float = 2.0, lam_pos: float = 3.0, k_neg: float = 3.0,
+                    lam_neg: float = 2.0, max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token VESPO loss ``-sg(phi) * A * logp`` (see ``rlloss.VESPO``), 0 where masked."""
+    objective = VESPO(k_pos=k_pos, lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def gmpo_surrogate(logp, old_logp, adv, mask=None, *, log_clip_low: float = 0.4, log_clip_high: float = 0.4,
+                   max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-row GMPO loss ``-Abar_i * rho_i`` ``[B]`` (see ``rlloss.GMPO``), 0 for an empty row."""
+    objective = GMPO(log_clip_low=log_clip_low, log_clip_high=log_clip_high)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def kl_cov_surrogate(logp, old_logp, adv, mask=None, *, ratio: float = 2e-4, coef: float = 0.1,
+                     max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token KL-Cov loss (see ``rlloss.KLCov``), 0 where masked. Reference only."""
+    objective = KLCov(ratio=ratio, coef=coef)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
+
+
+def clip_cov_surrogate(logp, old_logp, adv, mask=None, *, ratio: float = 2e-4, cov_low: float = 1.0,
+                       cov_high: float = 5.0, eps_low: float = 0.2, eps_high: float | None = None, seed: int = 0,
+                       max_log_ratio: float = 20.0, backend: str = "auto") -> torch.Tensor:
+    """Per-token Clip-Cov loss (see ``rlloss.ClipCov``), 0 where masked. Reference only."""
+    objective = ClipCov(ratio=ratio, cov_low=cov_low, cov_high=cov_high, eps_low=eps_low, eps_high=eps_high, seed=seed)
+    return _dispatch_surrogate(objective, logp, old_logp, adv, _checked(logp, old_logp, adv, mask, max_log_ratio),
+                               max_log_ratio, backend)
