@@ -427,6 +427,28 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
     for dn, dt in {"int64": torch.int64, "int32": torch.int32, "fp32": torch.float32}.items():
         add(f"soft_overlong_penalty {dn}", overlong(dt))
 
+    # the other objectives and modifiers (fp32, and bf16 for the all-modifiers case)
+    objectives = {"cispo": rlloss.CISPO(low=0.8), "sapo": rlloss.SAPO(), "reinforce": rlloss.Reinforce(),
+                  "dppo_tv": rlloss.DPPO(), "dppo_kl": rlloss.DPPO(divergence="kl"), "dro": rlloss.DRO(beta=0.1),
+                  "vespo": rlloss.VESPO(), "ppo_delta": rlloss.PPO(delta=1.5, dual_clip=3.0)}
+    for name, objective in objectives.items():
+        add(f"policy_loss objective={name} fp32", policy(f32, objective=objective))
+
+    def modified(dt, weights_dim):
+        def run():
+            logp, old_logp, adv, mask, ref_logp = _policy_inputs(torch, dt, B, T)
+            w = torch.rand((B,) if weights_dim == 1 else (B, T)).to(dt)
+            res = rlloss.policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.04, kl="k3+",
+                                     kl_bias_correction=True, token_weights=w, aggregation="token_sum",
+                                     backend="triton")
+            res.loss.backward()
+        return run
+
+    add("policy_loss token weights [B,T], k3+, bias correction, token_sum fp32", modified(f32, 2))
+    add("policy_loss token weights [B], k3+, bias correction, token_sum bf16", modified(torch.bfloat16, 1))
+    for kind in ("abs", "k1+"):
+        add(f"kl_estimate {kind} fp32", kl(f32, kind))
+
     # token_logprobs and policy_loss_from_logits: a vocabulary of several chunks, and a small one
     def logits_run(dt, v, entropy=True, inplace=False, loss=False):
         def run():
@@ -779,7 +801,8 @@ def is_aligned(config: dict[str, Any]) -> bool:
 TOKEN_INPUTS: dict[str, dict[str, Any]] = {
     "_policy_loss_fwd_kernel": {
         "pointers": {"logp_ptr": ("s_lp_b", "s_lp_t"), "old_ptr": ("s_old_b", "s_old_t"),
-                     "adv_ptr": ("s_adv_b", "s_adv_t"), "ref_ptr": ("s_ref_b", "s_ref_t")},
+                     "adv_ptr": ("s_adv_b", "s_adv_t"), "ref_ptr": ("s_ref_b", "s_ref_t"),
+                     "w_ptr": ("s_w_b", "s_w_t")},
         "length": "T", "block": "BLOCK_T"},
     "_row_log_ratio_kernel": {
         "pointers": {"logp_ptr": ("s_lp_b", "s_lp_t"), "old_ptr": ("s_old_b", "s_old_t")},
@@ -798,10 +821,11 @@ def token_pointers_read(config: dict[str, Any]) -> list[str]:
     """The per-token inputs a configuration of a ``TOKEN_INPUTS`` kernel really reads (its constexpr
     switches leave the others unread, or their values unused, so the compiler drops the loads).
 
-    ``_policy_loss_fwd_kernel``: at ``SEQ_LEVEL`` every token carries the row's mean log-ratio from
-    ``stats``, so ``logp`` is read only for the KL term and ``old_logp`` never; ``adv`` per token
-    only with ``ADV_PER_TOKEN``; ``ref_logp`` only when the KL reaches the loss (``ADD_KL``) or the
-    metrics (``WRITE_PARTIALS``).
+    ``_policy_loss_fwd_kernel`` (listing only what is surely read, so the expectation is a floor):
+    ``logp`` where the objective's value uses it (CISPO, REINFORCE, DPPO, DRO, VESPO) or the KL
+    term reaches the loss or the metrics; ``old_logp`` where the token's own log-ratio is used
+    (PPO/CISPO/SAPO without a row statistic, DPPO, DRO); ``adv`` with ``ADV_PER_TOKEN``;
+    ``ref_logp`` with the KL term; the token weights with ``WEIGHTS == 2``.
     """
     kernel = config["kernel"]
     if kernel not in TOKEN_INPUTS:
@@ -809,17 +833,19 @@ def token_pointers_read(config: dict[str, Any]) -> list[str]:
     if kernel != "_policy_loss_fwd_kernel":
         return list(TOKEN_INPUTS[kernel]["pointers"])
     f = _constexpr_values(config)
-    seq = bool(f["SEQ_LEVEL"])
+    obj, row_stat = f.get("OBJ", 0), f.get("ROW_STAT", 0)
     kl_used = bool(f["HAS_REF"]) and (bool(f["ADD_KL"]) or bool(f["WRITE_PARTIALS"]))
     read = []
-    if not seq or kl_used:
+    if obj in (1, 3, 4, 5, 6, 7) or kl_used:
         read.append("logp_ptr")
-    if f["HAS_OLD"] and not seq:
+    if f["HAS_OLD"] and (obj in (4, 5, 6) or (obj in (0, 1, 2) and row_stat == 0)):
         read.append("old_ptr")
     if f["ADV_PER_TOKEN"]:
         read.append("adv_ptr")
     if kl_used:
         read.append("ref_ptr")
+    if f.get("WEIGHTS", 0) == 2:
+        read.append("w_ptr")
     return read
 
 

@@ -38,6 +38,21 @@ def tie_weight(a, b):
     return tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
 
 
+NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    """torch.clamp: NaN stays NaN (Triton's min/max drop NaN by default)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=NAN_ALL), hi, propagate_nan=NAN_ALL)
+
+
+@triton.jit
+def offs_false(x):
+    """An all-False block shaped like x (x != x would be True where x is NaN)."""
+    return tl.zeros(x.shape, tl.int1)
+
+
 # objective codes of the fused per-token kernel (compile-time switches, one binary each)
 OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = range(8)
 
@@ -54,25 +69,26 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
     k_pos, lam_pos, k_neg, lam_neg. Returns loss, gradient, ratio (for the metric) and three
     metric indicators.
     """
-    dc = tl.minimum(tl.maximum(d, -max_log_ratio), max_log_ratio)
+    # NaN propagates through every clamp and min, as in torch: a NaN at a valid token must surface
+    dc = _clamp(d, -max_log_ratio, max_log_ratio)
     passes_clamp = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
     ratio = tl.exp(dc)
-    flag_a = d != d  # all False (d is finite), shaped like the block
+    flag_a = offs_false(d)  # all False (d is finite), shaped like the block
     flag_b = flag_a
     flag_c = flag_a
     if OBJ == 0:  # PPO, with delta and dual clip
         if F2:
-            unclipped = tl.minimum(ratio, p3)
+            unclipped = tl.minimum(ratio, p3, propagate_nan=NAN_ALL)
             d_unclipped = (ratio <= p3).to(tl.float32)
         else:
             unclipped = ratio
             d_unclipped = tl.full(ratio.shape, 1.0, tl.float32)
-        clipped = tl.minimum(tl.maximum(ratio, p0), p1)
+        clipped = _clamp(ratio, p0, p1)
         passes_clip = ((ratio >= p0) & (ratio <= p1)).to(tl.float32)
         unclipped_term = unclipped * adv
         clipped_term = clipped * adv
         w = tie_weight(unclipped_term, clipped_term)
-        loss = -tl.minimum(unclipped_term, clipped_term)
+        loss = -tl.minimum(unclipped_term, clipped_term, propagate_nan=NAN_ALL)
         dloss_dratio = -adv * (w * d_unclipped + (1.0 - w) * passes_clip)
         negative = adv < 0
         flag_a = (ratio < p0) & negative
@@ -81,15 +97,15 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
             bound = -p2 * adv
             flag_c = negative & (loss > bound)
             dloss_dratio = tl.where(negative, dloss_dratio * tie_weight(loss, bound), dloss_dratio)
-            loss = tl.where(negative, tl.minimum(loss, bound), loss)
+            loss = tl.where(negative, tl.minimum(loss, bound, propagate_nan=NAN_ALL), loss)
         grad = dloss_dratio * ratio * passes_clamp
     elif OBJ == 1:  # CISPO: -sg(clamp(r, low, high)) * A * logp
         weight = ratio
         if F1:
-            weight = tl.maximum(weight, p0)
+            weight = tl.maximum(weight, p0, propagate_nan=NAN_ALL)
             flag_a = ratio < p0
         if F2:
-            weight = tl.minimum(weight, p1)
+            weight = tl.minimum(weight, p1, propagate_nan=NAN_ALL)
             flag_b = ratio > p1
         loss = -weight * adv * logp
         grad = -weight * adv
@@ -114,7 +130,7 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
         grad = -phi * adv
         ratio = w_row
     else:  # DPPO (4: total variation, 5: binary KL): -A * w * sg(ok) * logp
-        weight = tl.minimum(ratio, p2)
+        weight = tl.minimum(ratio, p2, propagate_nan=NAN_ALL)
         p = tl.exp(logp)
         q = tl.exp(old)
         if OBJ == 4:
@@ -133,26 +149,27 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
 
 @triton.jit
 def kl_token(logp, ref, clamp, KIND: tl.constexpr):
-    """Mirror of ``kl.kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``)."""
+    """Mirror of ``kl.kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``).
+
+    Kinds 5..7 ("k1+", "k3+", "abs+") take the value of kind - 4 and k2's gradient.
+    """
     diff = logp - ref
-    if KIND == 1 or KIND == 5:
+    if KIND % 4 == 1:  # k1, k1+
         value = diff
-    elif KIND == 2:
-        value = diff * diff / 2
-    elif KIND == 4 or KIND == 7:
-        value = tl.abs(diff)
-    else:
-        value, grad3 = k3_token(logp, ref, clamp)
-    if KIND >= 5:  # straight-through: k2's gradient
-        grad = diff
-    elif KIND == 1:
         grad = tl.full(diff.shape, 1.0, tl.float32)
     elif KIND == 2:
+        value = diff * diff / 2
         grad = diff
-    elif KIND == 4:
+    elif KIND == 4:  # abs
+        value = tl.abs(diff)
         grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    else:
-        grad = grad3
+    elif KIND == 7:
+        value = tl.abs(diff)
+        grad = diff
+    else:  # k3, k3+
+        value, grad = k3_token(logp, ref, clamp)
+    if KIND >= 5:  # straight-through: k2's gradient
+        grad = diff
     return value, grad
 
 
@@ -163,7 +180,7 @@ KL_KIND_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "k1+": 5, "k3+": 6, "abs+"
 def k3_token(logp, ref, clamp):
     """Mirror of ``kl.kl_terms(kind="k3")``: the value and d k3 / d logp."""
     x_raw = ref - logp
-    x = tl.minimum(tl.maximum(x_raw, -clamp), clamp)
+    x = _clamp(x_raw, -clamp, clamp)
     ex = tl.exp(x)
     passes = ((x_raw >= -clamp) & (x_raw <= clamp)).to(tl.float32)
     return ex - x - 1.0, (1.0 - ex) * passes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._common import NUM_WARPS, as_bytes, block_t
 
@@ -70,7 +71,10 @@ def _rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     if dim is None:
         return t.reshape(1, -1).contiguous()
     moved = t.movedim(dim, -1)
-    return moved.reshape(-1, moved.shape[-1] if moved.dim() else 1).contiguous()
+    rows = 1
+    for size in moved.shape[:-1]:
+        rows *= size
+    return moved.reshape(rows, moved.shape[-1]).contiguous()  # explicit: -1 is ambiguous when L = 0
 
 
 class _MaskedMeanFunction(torch.autograd.Function):
@@ -104,6 +108,7 @@ class _MaskedMeanFunction(torch.autograd.Function):
         return out[:R].reshape(out_shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         mr, den = ctx.saved_tensors
         shape, dtype, dim, R, L, C, bt = ctx.meta

@@ -5,30 +5,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from ._common import ELEMENTWISE_BLOCK, NUM_WARPS, elementwise_grad, grad_buffer_dtype, k3_token
+from ._common import ELEMENTWISE_BLOCK, KL_KIND_CODES, NUM_WARPS, elementwise_grad, grad_buffer_dtype, kl_token
 
-KIND_CODES = {"k1": 1, "k2": 2, "k3": 3}
 KL_CLAMP = 20.0  # rlloss.kl.KL_INPUT_CLAMP
 
 
 @triton.jit
 def _kl_kernel(logp_ptr, ref_ptr, value_ptr, grad_ptr, n, clamp,
                KIND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Mirror of ``rlloss.kl.kl_terms``: the estimate and d estimate / d logp."""
+    """Mirror of ``rlloss.kl.kl_terms``: the estimate and d estimate / d logp (``kl_token``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
     logp = tl.load(logp_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-    if KIND == 1:
-        value = logp - ref
-        grad = tl.full(value.shape, 1.0, tl.float32)
-    elif KIND == 2:
-        diff = logp - ref
-        value = diff * diff / 2
-        grad = diff
-    else:
-        value, grad = k3_token(logp, ref, clamp)
+    value, grad = kl_token(logp, ref, clamp, KIND)
     tl.store(value_ptr + offs, value, mask=keep)
     if WRITE_GRAD:
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=keep)
@@ -36,8 +28,7 @@ def _kl_kernel(logp_ptr, ref_ptr, value_ptr, grad_ptr, n, clamp,
 
 class _KLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, ref_logp, kind):
-        needs_grad = ctx.needs_input_grad[0]
+    def forward(ctx, logp, ref_logp, kind, needs_grad):
         flat_logp, flat_ref = logp.reshape(-1), ref_logp.reshape(-1)
         n = flat_logp.numel()
         value = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
@@ -45,7 +36,7 @@ class _KLFunction(torch.autograd.Function):
         if n:
             _kl_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
                 flat_logp, flat_ref, value, g, n, KL_CLAMP,
-                KIND=KIND_CODES[kind], WRITE_GRAD=needs_grad, BLOCK=ELEMENTWISE_BLOCK, num_warps=NUM_WARPS,
+                KIND=KL_KIND_CODES[kind], WRITE_GRAD=needs_grad, BLOCK=ELEMENTWISE_BLOCK, num_warps=NUM_WARPS,
             )
         if needs_grad:
             ctx.save_for_backward(g)
@@ -53,9 +44,10 @@ class _KLFunction(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (g,) = ctx.saved_tensors
-        return elementwise_grad(g, grad_out, ctx.logp_dtype), None, None
+        return elementwise_grad(g, grad_out, ctx.logp_dtype), None, None, None
 
 
 def kl_estimate_triton(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -64,4 +56,5 @@ def kl_estimate_triton(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) ->
         from rlloss.kl import _kl_torch
 
         return _kl_torch(logp, ref_logp, kind)
-    return _KLFunction.apply(logp, ref_logp.detach(), kind)
+    needs_grad = torch.is_grad_enabled() and logp.requires_grad
+    return _KLFunction.apply(logp, ref_logp.detach(), kind, needs_grad)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 MAX_BLOCK_V = 4096
 
@@ -52,7 +53,7 @@ def _logits_fwd_kernel(
         e = tl.exp(z - m_new)  # 0 outside the vocabulary (z = -inf)
         s = s * rescale + tl.sum(e, axis=0)
         if RETURN_ENTROPY:
-            sz = sz * rescale + tl.sum(e * tl.where(keep, z, 0.0), axis=0)  # no 0 * -inf outside the vocabulary
+            sz = sz * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), axis=0)  # 0, not 0 * -inf, where p = 0
         m = m_new
     lse = m + tl.log(s)
     token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t)
@@ -88,7 +89,7 @@ def _logits_bwd_kernel(
         p = tl.exp(z - lse)
         dz = g_logp * (tl.where(offs == token, 1.0, 0.0) - p)
         if HAS_ENTROPY_GRAD:
-            dz -= g_ent * p * (z - mean_z)
+            dz -= tl.where(p > 0, g_ent * p * (z - mean_z), 0.0)
         tl.store(out + offs, (dz / temperature).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
@@ -120,6 +121,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, g_entropy):
         x, ids, lse, entropy = ctx.saved_tensors
         temperature, return_entropy, inplace, dtype = ctx.meta

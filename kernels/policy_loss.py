@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     KL_KIND_CODES,
+    _clamp,
     NUM_WARPS,
     OBJ_CISPO,
     OBJ_DPPO_KL,
@@ -78,7 +79,7 @@ def _row_log_ratio_kernel(
     valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
     d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
     if CLAMP:  # VESPO sums the clamped log-ratios
-        d = tl.minimum(tl.maximum(d, -max_log_ratio), max_log_ratio)
+        d = _clamp(d, -max_log_ratio, max_log_ratio)
     tl.store(stats_ptr + pid, tl.sum(d, axis=0))
     tl.store(stats_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
 
@@ -123,7 +124,7 @@ def _policy_loss_fwd_kernel(
             n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
             d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
         else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
-            lw = tl.zeros_like(d) + tl.minimum(tl.maximum(d_sum, -18.420680743952367), 20.0)
+            lw = tl.zeros_like(d) + _clamp(d_sum, -18.420680743952367, 20.0)  # log 1e-8, 20
 
     loss, grad, ratio, flag_a, flag_b, flag_c = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
                                                                OBJ, F1, F2)
@@ -141,7 +142,7 @@ def _policy_loss_fwd_kernel(
         kl, dkl = kl_token(logp, ref, kl_clamp, KL_KIND)
         if KL_BIAS:  # times exp(dc), not detached (token level)
             raw = logp - old
-            bias = tl.exp(tl.minimum(tl.maximum(raw, -max_log_ratio), max_log_ratio))
+            bias = tl.exp(_clamp(raw, -max_log_ratio, max_log_ratio))
             passes = ((raw >= -max_log_ratio) & (raw <= max_log_ratio)).to(tl.float32)
             dkl = dkl * bias + kl * bias * passes
             kl = kl * bias

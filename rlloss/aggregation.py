@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_count, check_float, check_mask, check_number, compute_dtype
+from ._validate import check_count, check_float, check_mask, check_number, check_same_device, compute_dtype
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")
 
@@ -59,6 +59,7 @@ def masked_mean(
     """
     check_float("x", x)
     mask = check_mask("mask", mask, "x", x)
+    check_same_device(x=x, mask=mask)
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"dim must be an int or None, got {dim!r}")

@@ -39,7 +39,11 @@ def _token_logprobs_torch(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     z = logits.to(dtype) / temperature
     log_probs = torch.log_softmax(z, dim=-1)
     logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if return_entropy else None
+    entropy = None
+    if return_entropy:  # p log p -> 0 where p = 0 (a logit of -inf, a masked vocabulary entry)
+        probs = log_probs.exp()
+        finite = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))  # no 0 * -inf, even in backward
+        entropy = -(probs * finite).sum(-1)
     return logp, entropy
 
 

@@ -35,6 +35,8 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, 
         bool ``[N]``.
     """
     check_tensor("rewards", rewards, ndim=1)
+    if rewards.is_complex():
+        raise TypeError(f"rewards must be real, got {rewards.dtype}")
     groups = check_groups(groups, rewards.shape[0], rewards.device)
     if rewards.dtype.is_floating_point and bool(torch.isnan(rewards).any()):
         raise ValueError("rewards must not contain NaN")

@@ -67,7 +67,8 @@ def check_surrogate_args(
     if dual_clip is not None:
         check_number("dual_clip", dual_clip, low=1, low_inclusive=False)
     check_choice("level", level, LEVELS)
-    check_number("max_log_ratio", max_log_ratio, low=0, low_inclusive=False)
+    # exp(80) = 5.5e34 is finite in fp32 (exp(88.8) is not): beyond, 0 * inf would make NaN
+    check_number("max_log_ratio", max_log_ratio, low=0, low_inclusive=False, high=80.0)
     return mask, eps_high
 
 

@@ -128,18 +128,20 @@ def test_token_read_model():
     ref_logp reads no token data (the mask and the row stats only), with ref_logp it reads logp and
     ref_logp; a bf16 input of 8 elements per thread is one LDG.128, fp32 two; a ragged row none."""
     sig = {n: "i32" for n in ("T", "C", "n_chunks_total", "s_lp_b", "s_lp_t", "s_old_b", "s_old_t", "s_adv_b",
-                              "s_adv_t", "s_m_b", "s_m_t", "s_ref_b", "s_ref_t")}
+                              "s_adv_t", "s_m_b", "s_m_t", "s_ref_b", "s_ref_t", "s_w_b", "s_w_t")}
     ptrs = {"logp_ptr": "*bf16", "old_ptr": "*bf16", "adv_ptr": "*fp32", "mask_ptr": "*u8", "ref_ptr": "*bf16",
-            "stats_ptr": "*fp32", "grad_ptr": "*bf16", "part_ptr": "*fp32", "tok_loss_ptr": "*fp32"}
-    flags = ("HAS_OLD", "ADV_PER_TOKEN", "HAS_REF", "ADD_KL", "HAS_DUAL", "SEQ_LEVEL", "WRITE_GRAD",
+            "w_ptr": "*bf16", "stats_ptr": "*fp32", "grad_ptr": "*bf16", "part_ptr": "*fp32", "tok_loss_ptr": "*fp32"}
+    flags = ("F1", "F2", "HAS_OLD", "ADV_PER_TOKEN", "HAS_REF", "ADD_KL", "KL_BIAS", "WRITE_GRAD",
              "WRITE_PARTIALS", "WRITE_TOKEN_LOSS")
-    signature = {**ptrs, **sig, **{n: "fp32" for n in ("lo", "hi", "dual_clip", "max_log_ratio", "beta", "kl_clamp")},
-                 **{n: "constexpr" for n in (*flags, "BLOCK_T", "BLOCK_C")}}
+    switches = ("OBJ", "ROW_STAT", "WEIGHTS", "KL_KIND")
+    signature = {**ptrs, **sig, **{n: "fp32" for n in ("p0", "p1", "p2", "p3", "max_log_ratio", "beta", "kl_clamp")},
+                 **{n: "constexpr" for n in (*switches, *flags, "BLOCK_T", "BLOCK_C")}}
     names = list(signature)
 
     def config(on, t_divisible=True, **kw):
-        consts = {**{f: f in on for f in flags}, "BLOCK_T": 1024, "BLOCK_C": 4, "s_lp_t": 1, "s_old_t": 1,
-                  "s_adv_t": 1, "s_m_t": 1, "s_ref_t": 1}
+        consts = {**{f: f in on for f in flags}, "OBJ": 0, "ROW_STAT": 1 if "SEQ_LEVEL" in on else 0, "WEIGHTS": 0,
+                  "KL_KIND": 3, "BLOCK_T": 1024, "BLOCK_C": 4, "s_lp_t": 1, "s_old_t": 1, "s_adv_t": 1, "s_m_t": 1,
+                  "s_ref_t": 1}
         # a ragged row length: T and the row strides lose their divisibility, the pointers keep it
         div = [*ptrs, *(("s_lp_b", "s_old_b", "s_adv_b", "s_m_b", "s_ref_b", "T") if t_divisible else ())]
         return {"kernel": "_policy_loss_fwd_kernel", "signature": {**signature, **kw}, "options": {"num_warps": 4},

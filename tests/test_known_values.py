@@ -38,7 +38,7 @@ def test_grpo_and_dr_grpo_advantages_on_one_group():
     rewards = t([1.0, 0.0, 0.0, 1.0])
     # mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3)
     std = math.sqrt(1 / 3)
-    grpo = rlloss.group_advantages(rewards, 4, eps=0.0)
+    grpo = rlloss.group_advantages(rewards, 4, eps=1e-12)
     torch.testing.assert_close(grpo, t([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std]))
     dr = rlloss.group_advantages(rewards, 4, scale="none")
     torch.testing.assert_close(dr, t([0.5, -0.5, -0.5, 0.5]))
@@ -59,7 +59,7 @@ def test_leave_one_out_baseline():
 def test_batch_scale_uses_the_std_of_all_rewards():
     rewards = t([1.0, 0.0, 3.0, 3.0])
     batch_std = float(torch.tensor([1.0, 0.0, 3.0, 3.0]).std())  # torch.std of the literal batch
-    got = rlloss.group_advantages(rewards, 2, scale="batch", eps=0.0)
+    got = rlloss.group_advantages(rewards, 2, scale="batch", eps=1e-12)
     torch.testing.assert_close(got, t([0.5 / batch_std, -0.5 / batch_std, 0.0, 0.0]))
 
 

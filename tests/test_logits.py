@@ -175,3 +175,15 @@ def test_bad_input(call, error, words):
     logits, ids = make_logits(2, 3, 11, torch.float32, 1.0, seed=0)
     with pytest.raises(error, match=words):
         call(logits, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_infinity_logits_are_a_masked_vocabulary(backend):
+    logits = torch.tensor([[[0.0, 1.0, float("-inf"), 2.0]]], device=DEVICE).requires_grad_(True)
+    logp, entropy = rlloss.token_logprobs(logits, torch.tensor([[1]], device=DEVICE), return_entropy=True,
+                                          backend=backend)
+    finite = torch.tensor([[[0.0, 1.0, 2.0]]], device=DEVICE)
+    _, want = rlloss.token_logprobs(finite, torch.tensor([[1]], device=DEVICE), return_entropy=True, backend="torch")
+    torch.testing.assert_close(entropy, want)
+    (grad,) = torch.autograd.grad(logp.sum() + entropy.sum(), logits)
+    assert torch.isfinite(grad).all() and grad[0, 0, 2].item() == 0.0
