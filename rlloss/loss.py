@@ -194,9 +194,10 @@ def policy_loss(
     Gradient accumulation and data parallelism: pass the counts of the whole optimizer step (all
     micro-batches, all ranks; ``rlloss.distributed.step_counts``) as ``num_tokens``/``num_seqs`` and
     the number of ranks as ``dp_size``; then the sum of the micro-batch losses, averaged over ranks
-    as DDP/FSDP do, has exactly the gradient of the full-batch objective (for every objective that
-    is a sum over tokens or rows: not KL-Cov/Clip-Cov, whose selection spans the call, nor GMPO's
-    per-row weights' mean). The local defaults are right only for one micro-batch on one process.
+    as DDP/FSDP do, has exactly the gradient of the full-batch objective, for every objective that
+    is a sum over tokens or rows (GMPO included, with ``num_seqs``); not for KL-Cov/Clip-Cov, whose
+    token selection spans the call. The local defaults are right only for one micro-batch on one
+    process.
 
     Metrics (detached masked means over the valid tokens of this call; 0 when there are none):
     ``ratio_mean``; ``kl_mean`` when ``ref_logp`` is given; PPO: ``clip_low`` (``r < 1-eps_low``

@@ -16,6 +16,7 @@ import torch
 
 from .advantages import group_advantages
 from .loss import PolicyLoss, policy_loss
+from .objectives import CISPO, DPPO, GMPO, SAPO, Objective
 from .shaping import soft_overlong_penalty
 
 
@@ -36,11 +37,14 @@ class Recipe:
     overlong_filter: bool = False
     overlong_max_len: int | None = None
     overlong_cache_len: int | None = None
+    objective: Objective | None = None  # None: PPO from eps_low/eps_high/level
 
     def advantage_kwargs(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "scale": self.scale}
 
     def loss_kwargs(self) -> dict[str, Any]:
+        if self.objective is not None:
+            return {"objective": self.objective, "aggregation": self.aggregation, "beta": self.beta}
         return {"eps_low": self.eps_low, "eps_high": self.eps_high, "aggregation": self.aggregation,
                 "beta": self.beta, "level": self.level}
 
@@ -79,4 +83,26 @@ GSPO = Recipe(
     eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_mean", beta=0.0, level="sequence",
 )
 
-RECIPES = {"grpo": GRPO, "dapo": DAPO, "dr_grpo": DR_GRPO, "gspo": GSPO}
+LUSPO = Recipe(
+    name="LUSPO", paper="GSPO's sequence ratio with a length-unnormalised sum (TRL loss_type='luspo')",
+    eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_sum", beta=0.0, level="sequence",
+)
+CISPO_RECIPE = Recipe(
+    name="CISPO", paper="MiniMax-M1, arXiv 2506.13585 (weight cap 5.0 from ScaleRL, arXiv 2510.13786)",
+    aggregation="token_mean", beta=0.0, objective=CISPO(low=None, high=5.0),
+)
+SAPO_RECIPE = Recipe(
+    name="SAPO", paper="Soft Adaptive Policy Optimization, arXiv 2511.20347",
+    aggregation="seq_mean_token_mean", beta=0.0, objective=SAPO(tau_pos=1.0, tau_neg=1.05),
+)
+GMPO_RECIPE = Recipe(
+    name="GMPO", paper="Geometric-Mean Policy Optimization, arXiv 2507.20673",
+    aggregation="seq_mean_token_mean", beta=0.0, objective=GMPO(log_clip_low=0.4, log_clip_high=0.4),
+)
+DPPO_RECIPE = Recipe(
+    name="DPPO", paper="DPPO, arXiv 2602.04879",
+    aggregation="token_mean", beta=0.0, objective=DPPO(divergence="tv", low=0.2, high=0.2, weight_cap=3.0),
+)
+
+RECIPES = {"grpo": GRPO, "dapo": DAPO, "dr_grpo": DR_GRPO, "gspo": GSPO, "luspo": LUSPO, "cispo": CISPO_RECIPE,
+           "sapo": SAPO_RECIPE, "gmpo": GMPO_RECIPE, "dppo": DPPO_RECIPE}

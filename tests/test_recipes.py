@@ -62,3 +62,21 @@ def test_result_indexing_gives_the_loss():
     p = make_problem(2, 5, torch.float32, seed=1)
     out = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask)
     assert out[0] is out.loss and set(out.metrics) == {"clip_low", "clip_high", "clip_dual", "ratio_mean"}
+
+
+def test_presets_beyond_ppo_hold_their_papers_values():
+    from rlloss.recipes import CISPO_RECIPE, DPPO_RECIPE, GMPO_RECIPE, LUSPO, SAPO_RECIPE
+
+    assert CISPO_RECIPE.objective == rlloss.CISPO(low=None, high=5.0)
+    assert SAPO_RECIPE.objective == rlloss.SAPO(tau_pos=1.0, tau_neg=1.05)
+    assert GMPO_RECIPE.objective == rlloss.GMPO(log_clip_low=0.4, log_clip_high=0.4)
+    assert GMPO_RECIPE.aggregation == "seq_mean_token_mean"
+    assert DPPO_RECIPE.objective == rlloss.DPPO(divergence="tv", low=0.2, high=0.2, weight_cap=3.0)
+    assert (LUSPO.level, LUSPO.aggregation, LUSPO.eps_low, LUSPO.eps_high) == ("sequence", "seq_mean_token_sum",
+                                                                              3e-4, 4e-4)
+    p = make_problem(3, 11, torch.float32, seed=2, spread=0.2)
+    for recipe in (CISPO_RECIPE, SAPO_RECIPE, GMPO_RECIPE, DPPO_RECIPE):
+        got = recipe.loss(p.logp, p.old_logp, p.adv, p.mask)
+        want = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, objective=recipe.objective,
+                                  aggregation=recipe.aggregation)
+        assert torch.equal(got.loss, want.loss), recipe.name
