@@ -149,7 +149,8 @@ def policy_loss_from_logits(
         logp, entropy = token_logprobs_triton(logits, safe_ids, temperature, True, inplace_backward=inplace_backward)
     else:
         logp, entropy = _token_logprobs_torch(logits, safe_ids, temperature, True)
-    out = policy_loss(logp, old_logp, adv, mask, backend=chosen, **loss_options)
+    # the user's backend, not the resolved one: "auto" lets the loss fall back for objectives without a kernel
+    out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
     ent = torch.where(mask_b, entropy, torch.zeros_like(entropy))
     metrics = dict(out.metrics)
     metrics["entropy_mean"] = safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))

@@ -187,3 +187,20 @@ def test_minus_infinity_logits_are_a_masked_vocabulary(backend):
     torch.testing.assert_close(entropy, want)
     (grad,) = torch.autograd.grad(logp.sum() + entropy.sum(), logits)
     assert torch.isfinite(grad).all() and grad[0, 0, 2].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", ["cispo", "vespo", "gmpo"])
+def test_from_logits_takes_every_objective_and_modifier(backend, objective):
+    logits, ids, old, adv, mask = loss_inputs(3, 6, 40, torch.float32, seed=4)
+    weights = torch.rand(3, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kw = {"objective": objective, "token_weights": weights, "aggregation": "seq_mean_token_mean",
+          "ref_logp": old, "beta": 0.04, "kl": "k3+"}
+    if objective == "gmpo" and backend == "triton":  # no fused GMPO: asked for explicitly, it says so
+        with pytest.raises(ValueError, match="GMPO"):
+            rlloss.policy_loss_from_logits(logits, ids, old, adv, mask, backend=backend, **kw)
+        backend = "auto"
+    out = rlloss.policy_loss_from_logits(logits, ids, old, adv, mask, backend=backend, **kw)
+    logp = rlloss.token_logprobs(logits, torch.where(mask, ids, 0), backend="torch")
+    want = rlloss.policy_loss(logp, old, adv, mask, backend="torch", **kw)
+    assert_close(out.loss, want.loss, torch.float32, scale=1.0)
