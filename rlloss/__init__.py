@@ -6,8 +6,21 @@ Every public function validates its inputs once and dispatches on ``backend``:
 """
 
 from . import distributed, recipes
-from .advantages import group_advantages
+from .advantages import (
+    discounted_returns,
+    gdpo_advantages,
+    gpg_advantages,
+    group_advantages,
+    opo_advantages,
+    optimal_token_baseline_advantages,
+    passk_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    remax_advantages,
+    whiten,
+)
 from .aggregation import masked_mean
+from .corrections import importance_weights, off_policy_mask, rejection_mask, top_entropy_mask
 from .kl import k3_kl, kl_estimate
 from .logits import policy_loss_from_logits, token_logprobs
 from .loss import PolicyLoss, policy_loss
@@ -68,4 +81,18 @@ __all__ = [
     "recipes",
     "soft_overlong_penalty",
     "token_logprobs",
+    "discounted_returns",
+    "gdpo_advantages",
+    "gpg_advantages",
+    "opo_advantages",
+    "optimal_token_baseline_advantages",
+    "passk_advantages",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "remax_advantages",
+    "whiten",
+    "importance_weights",
+    "off_policy_mask",
+    "rejection_mask",
+    "top_entropy_mask",
 ]

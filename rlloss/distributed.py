@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._distributed_entropy import top_entropy_mask  # the quantile over all ranks (rlloss.corrections)
 from ._validate import check_same_device, check_tensor
 
-__all__ = ["StepCounts", "step_counts"]
+__all__ = ["StepCounts", "step_counts", "top_entropy_mask"]
 
 
 class StepCounts(NamedTuple):

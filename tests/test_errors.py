@@ -39,6 +39,7 @@ def inputs(b=2, t=3):
         ({"num_seqs": torch.ones(2)}, ValueError, "num_seqs"),
         ({"dp_size": 0}, ValueError, "dp_size"),
         ({"max_log_ratio": 0.0}, ValueError, "max_log_ratio"),
+        ({"max_log_ratio": 100.0}, ValueError, "max_log_ratio"),
         ({"backend": "cuda"}, ValueError, "backend"),
     ],
 )
@@ -65,6 +66,7 @@ def test_policy_loss_rejects(change, error, words):
         (lambda: rlloss.group_advantages(torch.zeros(4), 2, baseline="median"), ValueError, "baseline"),
         (lambda: rlloss.group_advantages(torch.zeros(4), 2, scale="global"), ValueError, "scale"),
         (lambda: rlloss.group_advantages(torch.zeros(4), 2, eps=-1e-6), ValueError, "eps"),
+        (lambda: rlloss.group_advantages(torch.ones(4), 2, eps=0.0), ValueError, "eps"),
         (lambda: rlloss.group_advantages(torch.zeros(4), 2, singleton="drop"), ValueError, "singleton"),
         (lambda: rlloss.dynamic_sampling_mask(torch.zeros(5), 2), ValueError, "groups"),
         (lambda: rlloss.dynamic_sampling_mask(torch.tensor([float("nan"), 1.0]), 2), ValueError, "rewards"),
@@ -129,3 +131,22 @@ def test_mismatched_devices_are_named():
     logp, old, adv, mask = inputs()
     with pytest.raises(ValueError, match="old_logp on meta"):  # the meta device needs no GPU
         rlloss.policy_loss(logp, old.to("meta"), adv, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["logp", "old_logp", "ref_logp"])
+def test_nan_at_a_valid_token_surfaces(backend, where):
+    """NaN where the mask says valid is an upstream bug: both backends must show it, not hide it."""
+    logp, old, adv, mask = inputs()
+    values = {"logp": logp.detach().clone(), "old_logp": old.clone(), "ref_logp": old.clone()}
+    values[where][0, 1] = float("nan")
+    out = rlloss.policy_loss(values["logp"], values["old_logp"], adv, mask, ref_logp=values["ref_logp"], beta=0.04,
+                             dual_clip=3.0, backend=backend)
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_mean_over_an_empty_dimension(backend):
+    x = torch.zeros(3, 0, device=DEVICE)
+    got = rlloss.masked_mean(x, torch.zeros(3, 0, dtype=torch.bool, device=DEVICE), dim=-1, backend=backend)
+    assert torch.equal(got, torch.zeros(3, device=DEVICE))
