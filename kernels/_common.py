@@ -48,7 +48,7 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def offs_false(x):
+def all_false(x):
     """An all-False block shaped like x (x != x would be True where x is NaN)."""
     return tl.zeros(x.shape, tl.int1)
 
@@ -73,7 +73,7 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
     dc = _clamp(d, -max_log_ratio, max_log_ratio)
     passes_clamp = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
     ratio = tl.exp(dc)
-    flag_a = offs_false(d)  # all False (d is finite), shaped like the block
+    flag_a = all_false(d)
     flag_b = flag_a
     flag_c = flag_a
     if OBJ == 0:  # PPO, with delta and dual clip

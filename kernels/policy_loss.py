@@ -47,7 +47,6 @@ AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2,
 # partial sums per chunk, in this order
 N_PARTIALS = 7
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
-METRIC_NAMES = ("clip_low", "clip_high", "clip_dual", "ratio_mean", "kl_mean")
 COMBINE_TILE = 1024
 # The combine is one program: 8 warps share its tile (4 warps made ptxas spill 8 bytes on sm_80).
 COMBINE_WARPS = 8

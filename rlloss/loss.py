@@ -13,7 +13,6 @@ from .kl import KL_KINDS, kl_terms
 from .objectives import GMPO, PPO, Objective, resolve_objective
 from .surrogates import check_surrogate_args, prepare_inputs
 
-METRICS = ("clip_low", "clip_high", "clip_dual", "ratio_mean", "kl_mean")
 PPO_DEFAULTS = {"eps_low": 0.2, "eps_high": None, "dual_clip": None, "delta": None, "level": "token"}
 
 

@@ -82,11 +82,6 @@ def objective_surrogate_torch(objective: Objective, logp: torch.Tensor, old_logp
     return torch.where(mask, loss, torch.zeros_like(loss))
 
 
-def _clipped_surrogate_torch(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, level, max_log_ratio, delta=None):
-    objective = PPO(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, delta=delta, level=level)
-    return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
-
-
 def clipped_surrogate(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
