@@ -56,3 +56,56 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ beyond {dtype} tolerance; "
                              f"first at {idx}: actual {a[tuple(idx)].item()!r}, expected {e[tuple(idx)].item()!r}, "
                              f"allowed difference {allowed[tuple(idx)].item() if allowed.dim() else allowed.item()!r}")
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a test's process group)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, out_dir, timeout_s: float, *args) -> list[dict]:
+    """Run ``target(rank, port, out_dir, *args)`` in ``world`` spawned processes and collect their results.
+
+    Each rank saves ``rank{r}.pt`` (or writes ``rank{r}.err`` with its traceback) in ``out_dir``.
+    Ranks still alive after ``timeout_s`` are killed and the test fails with every rank's error,
+    so a hung collective cannot hang CI. The children inherit ``TRITON_INTERPRET=1``.
+    """
+    import multiprocessing
+    import os
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    out_dir = Path(out_dir)
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        port = free_port()
+        procs = [ctx.Process(target=target, args=(r, port, str(out_dir), *args), daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    errors = "\n".join(f.read_text() for f in sorted(out_dir.glob("rank*.err")))
+    if hung:
+        pytest.fail(f"ranks {hung} did not finish within {timeout_s} s and were killed\n{errors}")
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"rank exit codes {codes}\n{errors}"
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlloss
-from helpers import DEVICE
+from helpers import DEVICE, spawn_ranks
 from rlloss import corrections as C
 from rlloss.distributed import top_entropy_mask as global_top_entropy_mask
 
@@ -549,36 +547,12 @@ def _entropy_rank_main(rank: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_global_top_entropy_mask_on_two_gloo_ranks_equals_one_process(tmp_path):
-    import multiprocessing
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entropy_rank_main, args=(r, port, str(tmp_path)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    errors = "\n".join(f.read_text() for f in sorted(tmp_path.glob("rank*.err")))
-    assert not hung, f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s and were killed\n{errors}"
-    assert [p.exitcode for p in procs] == [0] * WORLD, errors
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = spawn_ranks(_entropy_rank_main, WORLD, tmp_path, SPAWN_TIMEOUT_S)
 
     batches = [_rank_batch(r) for r in range(WORLD)]
     ent = torch.cat([x for x, _ in batches])

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rlloss
-from helpers import BACKENDS, DEVICE, assert_close
+from helpers import BACKENDS, DEVICE, assert_close, spawn_ranks
 from rlloss.distributed import StepCounts, step_counts
 from strategies import AGGREGATIONS, call_options, loss_magnitude, loss_options, loss_problems
 
@@ -149,51 +147,17 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     """Spawn the 2 ranks once for every configuration; kill them and fail if they hang."""
-    import multiprocessing
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out_dir = tmp_path_factory.mktemp("ranks")
     backends = ["torch", "triton"] if rlloss._dispatch.triton_available() else ["torch"]
-    ctx = multiprocessing.get_context("spawn")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the children (they set it again themselves)
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, port, str(out_dir), backends), daemon=True)
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    errors = "\n".join(f.read_text() for f in sorted(out_dir.glob("rank*.err")))
-    if hung:
-        pytest.fail(f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s and were killed\n{errors}")
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"rank exit codes {codes}\n{errors}"
-    return {r: torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)}
+    results = spawn_ranks(_rank_main, WORLD, out_dir, SPAWN_TIMEOUT_S, backends)
+    return dict(enumerate(results))
 
 
 def _cfg_ids(cfgs: list[Config]) -> list[str]:
