@@ -194,6 +194,16 @@ def _prepare_groups(groups: object, n: int, device: torch.device, singleton: str
     return group_index(groups, n, device)
 
 
+def _grouped_scores(scores: object, groups: object, mask: object,
+                    singleton: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The checks every per-sequence-score estimator shares: (scores, bool mask, group index, K)."""
+    scores = _check_scores("scores", scores)
+    mask = _check_row_mask(mask, scores.shape[0], "scores")
+    check_same_device(scores=scores, mask=mask)
+    index, k = _prepare_groups(groups, scores.shape[0], scores.device, singleton)
+    return scores, mask, index, k
+
+
 def _group_sum(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """Per-group sum over the first dimension: ``[k, ...]``."""
     return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add(0, index, x)
@@ -349,10 +359,7 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups: int | torch.T
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), 0 where masked.
     """
-    scores = _check_scores("scores", scores)
-    mask = _check_row_mask(mask, scores.shape[0], "scores")
-    check_same_device(scores=scores, mask=mask)
-    index, k = _prepare_groups(groups, scores.shape[0], scores.device, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
     return _reinforce_pp_baseline_reference(scores, index, k, mask, singleton)
 
 
@@ -421,10 +428,7 @@ def opo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), the advantage broadcast over valid tokens.
     """
-    scores = _check_scores("scores", scores)
-    mask = _check_row_mask(mask, scores.shape[0], "scores")
-    check_same_device(scores=scores, mask=mask)
-    index, k = _prepare_groups(groups, scores.shape[0], scores.device, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
     return _opo_reference(scores, index, k, mask, singleton)
 
 
@@ -458,10 +462,7 @@ def gpg_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), the advantage broadcast over valid tokens.
     """
-    scores = _check_scores("scores", scores)
-    mask = _check_row_mask(mask, scores.shape[0], "scores")
-    check_same_device(scores=scores, mask=mask)
-    index, k = _prepare_groups(groups, scores.shape[0], scores.device, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
     return _gpg_reference(scores, index, k, mask, singleton)
 
 
