@@ -52,10 +52,13 @@ def build(name: str, inputs: dict[str, torch.Tensor]) -> LossFn:
         from rlloss.logits import _token_logprobs_torch
         from rlloss.loss import _policy_loss_torch
 
+        from bench_loss import reference_args
+
+        loss_args = reference_args(LOSS_OPTIONS)
+
         def reference(logits, ids, old, adv, mask):
             logp, _ = _token_logprobs_torch(logits, ids, 1.0, False)
-            return _policy_loss_torch(logp, old, adv, mask, None, 0.0, 0.2, 0.28, None, "token", 20.0,
-                                      "token_mean", None, None, None, 1).loss
+            return _policy_loss_torch(logp, old, adv, mask, *loss_args).loss
 
         compiled = torch.compile(reference, fullgraph=True)
         return lambda logits: compiled(logits, *args)

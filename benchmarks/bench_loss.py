@@ -102,13 +102,21 @@ def rlloss_fn(recipe: Recipe, kl: bool, inputs: dict[str, torch.Tensor], backend
     return loss
 
 
+def reference_args(kw: dict[str, Any]) -> tuple[Any, ...]:
+    """``_policy_loss_torch``'s arguments after ``(logp, old_logp, adv, mask)`` for ``policy_loss`` keywords ``kw``
+    (what ``policy_loss`` itself passes once it has validated them)."""
+    from rlloss.objectives import PPO
+
+    objective = PPO(eps_low=kw["eps_low"], eps_high=kw.get("eps_high"), level=kw.get("level", "token"))
+    return (objective, kw.get("ref_logp"), kw.get("beta", 0.0), "k3", False, None, 20.0, kw["aggregation"],
+            kw.get("max_tokens"), None, None, 1)
+
+
 def compiled_reference(kw: dict[str, Any], inputs: dict[str, torch.Tensor]) -> LossFn:
     """The reference computation (after validation, which is Python on numbers) under torch.compile."""
     from rlloss.loss import _policy_loss_torch
 
-    eps_high = kw["eps_low"] if kw.get("eps_high") is None else kw["eps_high"]
-    args = (kw.get("ref_logp"), kw["beta"], kw["eps_low"], eps_high, None, kw["level"], 20.0, kw["aggregation"],
-            kw.get("max_tokens"), None, None, 1)
+    args = reference_args(kw)
     step = _compiled(_policy_loss_torch)
 
     def loss(logp: torch.Tensor) -> torch.Tensor:

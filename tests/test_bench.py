@@ -65,3 +65,23 @@ def test_main_writes_the_record_and_the_plot(tmp_path):
     contenders = {r["contender"] for r in record["rows"]}
     assert {bench_loss.BASELINE, "rlloss-torch"} <= contenders
     assert (tmp_path / f"bench-{tag}-quick.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))
+@pytest.mark.parametrize("kl", [False, True])
+def test_the_compiled_contender_computes_the_reference(recipe, kl):
+    """The compile contender calls the reference past validation with positional arguments: they must
+    still be the ones policy_loss passes (checked uncompiled: compiling takes minutes on 2 cores)."""
+    from rlloss.loss import _policy_loss_torch
+
+    inputs = bench_loss.make_inputs(3, 17, torch.float32, DEVICE)
+    preset, _ = bench_loss.RECIPES[recipe]
+    kw = {**preset.loss_kwargs(), "beta": bench_loss.KL_BETA if kl else 0.0}
+    if kl:
+        kw["ref_logp"] = inputs["ref_logp"]
+    if preset.aggregation == "constant":
+        kw["max_tokens"] = 17
+    direct = _policy_loss_torch(inputs["logp"], inputs["old_logp"], inputs["adv"], inputs["mask"],
+                                *bench_loss.reference_args(kw)).loss
+    public = bench_loss.build("rlloss-torch", recipe, kl, inputs)(inputs["logp"])
+    assert torch.equal(direct, public)
