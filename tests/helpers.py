@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -109,3 +110,28 @@ def spawn_ranks(target, world: int, out_dir, timeout_s: float, *args) -> list[di
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world, f"rank exit codes {codes}\n{errors}"
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, port: int, out_dir, world: int):
+    """The child side of ``spawn_ranks``: join the gloo group on localhost for the body, then leave it.
+
+    A failure in the body is written to ``rank{r}.err`` (the parent shows it) and re-raised.
+    """
+    import datetime
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        yield
+        dist.barrier()
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,9 +9,7 @@ all-masked inputs, the quantile's interpolation), properties over random inputs,
 
 from __future__ import annotations
 
-import datetime
 import math
-import traceback
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlloss
-from helpers import DEVICE, spawn_ranks
+from strategies import MASK_KINDS, make_mask
+from helpers import DEVICE, gloo_rank, spawn_ranks
 from rlloss import corrections as C
 from rlloss.distributed import top_entropy_mask as global_top_entropy_mask
 
@@ -291,17 +290,8 @@ def logp_pairs(draw):
     samp = old + torch.randn(bsz, tlen, generator=gen) * spread
     same = torch.rand(bsz, tlen, generator=gen) < 0.3
     samp = torch.where(same, old, samp)  # some tokens where both engines agree exactly
-    kind = draw(st.sampled_from(["random", "prefix", "empty_rows", "all_masked", "full"]))
-    if kind == "full":
-        mask = torch.ones(bsz, tlen, dtype=torch.bool)
-    elif kind == "all_masked":
-        mask = torch.zeros(bsz, tlen, dtype=torch.bool)
-    elif kind == "prefix":
-        mask = torch.arange(tlen)[None] < torch.randint(0, tlen + 1, (bsz, 1), generator=gen)
-    else:
-        mask = torch.rand(bsz, tlen, generator=gen) < 0.7
-        if kind == "empty_rows":
-            mask[torch.rand(bsz, generator=gen) < 0.5] = False
+    kind = draw(st.sampled_from(MASK_KINDS))
+    mask = make_mask(kind, bsz, tlen, gen)
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
     return old.to(DEVICE, dtype), samp.to(DEVICE, dtype), mask.to(DEVICE), same.to(DEVICE)
 
@@ -526,25 +516,14 @@ def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _entropy_rank_main(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, port, out_dir, WORLD):
         ent, mask = _rank_batch(rank)
         res = {f: global_top_entropy_mask(ent, mask, fraction=f) for f in FRACTIONS}
         # a rank with no valid token at all (its mask all False) still takes part
         empty = torch.zeros_like(mask) if rank == 1 else mask
         res["empty"] = global_top_entropy_mask(ent, empty, fraction=0.5)
         res["none"] = global_top_entropy_mask(ent, torch.zeros_like(mask), fraction=0.5)  # no rank has a token
-        dist.barrier()
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_global_top_entropy_mask_on_two_gloo_ranks_equals_one_process(tmp_path):

@@ -12,9 +12,7 @@ Three kinds of evidence:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
-import traceback
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rlloss
-from helpers import BACKENDS, DEVICE, assert_close, spawn_ranks
+from helpers import BACKENDS, DEVICE, assert_close, gloo_rank, spawn_ranks
 from rlloss.distributed import StepCounts, step_counts
 from strategies import AGGREGATIONS, call_options, loss_magnitude, loss_options, loss_problems
 
@@ -101,9 +99,7 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors run in the interpreter
     import torch.distributed as dist
 
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, port, out_dir, WORLD):
         batch = global_batch()
         micro = RANK_MICRO[rank]
         results = {}
@@ -137,14 +133,7 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
             if rank == 0:  # the single-process full-batch result on this backend, computed here too
                 res["full_loss"], res["full_grad"] = full_batch(cfg, batch, cfg.backend)
             results[cfg.name] = res
-        dist.barrier()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

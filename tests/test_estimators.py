@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlloss
+from strategies import MASK_KINDS, make_mask
 from helpers import DEVICE
 from rlloss import advantages as A
 
@@ -266,17 +267,8 @@ def token_problems(draw):
     bsz, tlen = draw(st.integers(1, 6)), draw(st.integers(1, 50))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(bsz, tlen, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 100.0]))
-    kind = draw(st.sampled_from(["random", "prefix", "empty_rows", "all_masked", "full"]))
-    if kind == "full":
-        mask = torch.ones(bsz, tlen, dtype=torch.bool)
-    elif kind == "all_masked":
-        mask = torch.zeros(bsz, tlen, dtype=torch.bool)
-    elif kind == "prefix":
-        mask = torch.arange(tlen)[None] < torch.randint(0, tlen + 1, (bsz, 1), generator=gen)
-    else:
-        mask = torch.rand(bsz, tlen, generator=gen) < 0.6
-        if kind == "empty_rows":
-            mask[torch.rand(bsz, generator=gen) < 0.5] = False
+    kind = draw(st.sampled_from(MASK_KINDS))
+    mask = make_mask(kind, bsz, tlen, gen)
     return x.to(DEVICE, F64), mask.to(DEVICE), kind
 
 
