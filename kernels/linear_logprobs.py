@@ -24,8 +24,9 @@ the first global id of this weight shard (0 without tensor parallelism).
 Precision: products accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` (full fp32
 products, as torch's default matmul), bf16/fp16 inputs run on tensor cores. ``d logits`` is
 rounded to the input dtype before the two backward matmuls (tensor cores need it), the
-accumulation stays fp32. Triton's interpreter multiplies bf16/fp16 ``tl.dot`` operands wrongly, so
-there (``DOT_FP32``) the tiles are upcast to fp32 first: the same values, exact products.
+accumulation stays fp32. Triton's interpreter multiplies bf16 ``tl.dot`` operands as integers, so
+there (``INTERPRETER_BF16``, never set on a GPU) bf16 tiles are upcast to fp32 first: the same
+values, exact products (fp16 runs its own path in the interpreter too).
 """
 
 from __future__ import annotations
@@ -36,15 +37,20 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
-BLOCK_V = 128
-BLOCK_H = 64
-NUM_WARPS = 8
+# (tokens, vocabulary, hidden) per tile and warps: bf16/fp16 tiles for the tensor cores; fp32 products
+# ("ieee") are FFMAs from registers, so smaller tiles keep them from spilling (benchmarks/gpu_compile.py)
+BLOCKS_16BIT = (64, 128, 64, 8)
+BLOCKS_FP32 = (32, 32, 32, 4)
 
 
-def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """fp32 tiles feed ``tl.dot`` as fp32; under the interpreter every dtype does (see the module doc)."""
-    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` for inputs of ``dtype``."""
+    return BLOCKS_FP32 if dtype == torch.float32 else BLOCKS_16BIT
+
+
+def interpreter_bf16(dtype: torch.dtype) -> bool:
+    """True for bf16 inputs in Triton's interpreter, whose bf16 ``tl.dot`` is wrong (see the module doc)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -58,7 +64,7 @@ def _packed_rows(order_ptr, n0, count, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """``z = (hidden[rows] @ weight[cols].T + bias[cols]) / temperature``, fp32, in registers."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
@@ -67,7 +73,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh,
         hk_ok = hk < H
         a = tl.load(h_ptr + rows[:, None] * s_hn + hk[None, :] * s_hh, mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
         b = tl.load(w_ptr + cols[None, :] * s_wv + hk[:, None] * s_wh, mask=hk_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRETER_BF16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -81,7 +87,7 @@ def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
     m_ptr, s_ptr, u_ptr, zt_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -97,7 +103,7 @@ def _linear_fwd_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                             HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+                             HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
             z = tl.where(col_ok[None, :], z, float("-inf"))
             is_target = (cols[None, :] == local[:, None]) & col_ok[None, :]  # ids of other shards match no column
             zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
@@ -143,7 +149,7 @@ def _linear_dh_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
     lse_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -156,16 +162,16 @@ def _linear_dh_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                             HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+                             HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
             dl = _d_logits(z, cols, col_ok, tok_ok, local, lse, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
-            if not DOT_FP32:
+            if not INTERPRETER_BF16:
                 dl = dl.to(w_ptr.dtype.element_ty)
             for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d hidden: read, add, write
                 hk = h0 + tl.arange(0, BLOCK_H)
                 hk_ok = hk < H
                 w = tl.load(w_ptr + cols[:, None] * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
                             other=0.0)
-                if DOT_FP32:
+                if INTERPRETER_BF16:
                     w = w.to(tl.float32)
                 at = dh_ptr + rows[:, None] * H + hk[None, :]
                 keep = tok_ok[:, None] & hk_ok[None, :]
@@ -179,7 +185,7 @@ def _linear_dw_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
     lse_ptr, ent_ptr, gl_ptr, ge_ptr, dw_ptr, db_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -191,19 +197,19 @@ def _linear_dw_kernel(
         local, lse, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, rows,
                                                          tok_ok, s_ids, HAS_ENT_GRAD)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                         HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+                         HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
         dl = _d_logits(z, cols, col_ok, tok_ok, local, lse, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
         if HAS_BIAS:
             db += tl.sum(dl, axis=0)
         dlt = tl.trans(dl)
-        if not DOT_FP32:
+        if not INTERPRETER_BF16:
             dlt = dlt.to(h_ptr.dtype.element_ty)
         for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d weight
             hk = h0 + tl.arange(0, BLOCK_H)
             hk_ok = hk < H
             h = tl.load(h_ptr + rows[:, None] * s_hn + hk[None, :] * s_hh, mask=tok_ok[:, None] & hk_ok[None, :],
                         other=0.0)
-            if DOT_FP32:
+            if INTERPRETER_BF16:
                 h = h.to(tl.float32)
             at = dw_ptr + cols[:, None].to(tl.int64) * H + hk[None, :]
             keep = col_ok[:, None] & hk_ok[None, :]
@@ -244,11 +250,12 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     zt = torch.zeros(N, dtype=torch.float32, device=dev)
     if N:
         order, count = pack_valid(valid)
-        _linear_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        bn, bv, bh, warps = blocks(hidden.dtype)
+        _linear_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
             *_launch_args(hidden, weight, ids), float(temperature),
-            HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(hidden.dtype),
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS,
+            HAS_BIAS=bias is not None, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
         )
     return m, s, u, zt
 
@@ -274,11 +281,12 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         g_ent = g_entropy.contiguous() if has_ent else g_logp
         common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
                   lse.contiguous(), entropy.contiguous(), g_logp, g_ent)
-        meta = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, DOT_FP32=dot_in_fp32(hidden.dtype),
-                    BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS)
+        bn, bv, bh, warps = blocks(hidden.dtype)
+        meta = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
+                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
         args = (*_launch_args(hidden, weight, ids), float(temperature))
-        _linear_dh_kernel[(triton.cdiv(N, BLOCK_N),)](*common, dh, *args, **meta)
-        _linear_dw_kernel[(triton.cdiv(V, BLOCK_V),)](*common, dw, db if db is not None else dw, *args, **meta)
+        _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, dh, *args, **meta)
+        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, dw, db if db is not None else dw, *args, **meta)
     return (dh.to(hidden.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None)
 
 
