@@ -37,15 +37,20 @@ import torch
 import triton
 import triton.language as tl
 
-# (tokens, vocabulary, hidden) per tile and warps: bf16/fp16 tiles for the tensor cores; fp32 products
-# ("ieee") are FFMAs from registers, so smaller tiles keep them from spilling (benchmarks/gpu_compile.py)
-BLOCKS_16BIT = (64, 128, 64, 8)
-BLOCKS_FP32 = (32, 32, 32, 4)
+# (BLOCK_N tokens, BLOCK_V vocabulary, BLOCK_H hidden, warps) per kernel. The backward kernels add each
+# tile's product into an fp32 accumulator in memory (read, add, write): d hidden once per vocabulary
+# block, d weight once per token block, so their bytes fall as BLOCK_V (d hidden) and BLOCK_N
+# (d weight) grow: long, thin tiles there. fp32 products ("ieee") are FFMAs from registers, so fp32
+# takes small tiles, or it spills (benchmarks/gpu_compile.py checks every configuration).
+BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
+    "16bit": {"fwd": (64, 128, 64, 8), "dh": (32, 256, 64, 8), "dw": (256, 32, 64, 8)},
+    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
+}
 
 
-def blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` for inputs of ``dtype``."""
-    return BLOCKS_FP32 if dtype == torch.float32 else BLOCKS_16BIT
+def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw"``) for ``dtype`` inputs."""
+    return BLOCKS["fp32" if dtype == torch.float32 else "16bit"][kernel]
 
 
 def interpreter_bf16(dtype: torch.dtype) -> bool:
@@ -250,7 +255,7 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     zt = torch.zeros(N, dtype=torch.float32, device=dev)
     if N:
         order, count = pack_valid(valid)
-        bn, bv, bh, warps = blocks(hidden.dtype)
+        bn, bv, bh, warps = blocks(hidden.dtype, "fwd")
         _linear_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
             *_launch_args(hidden, weight, ids), float(temperature),
@@ -281,12 +286,14 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         g_ent = g_entropy.contiguous() if has_ent else g_logp
         common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
                   lse.contiguous(), entropy.contiguous(), g_logp, g_ent)
-        bn, bv, bh, warps = blocks(hidden.dtype)
-        meta = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
-                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
+        flags = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
         args = (*_launch_args(hidden, weight, ids), float(temperature))
-        _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, dh, *args, **meta)
-        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, dw, db if db is not None else dw, *args, **meta)
+        bn, bv, bh, warps = blocks(hidden.dtype, "dh")
+        _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, dh, *args, **flags, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+                                                 num_warps=warps)
+        bn, bv, bh, warps = blocks(hidden.dtype, "dw")
+        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, dw, db if db is not None else dw, *args, **flags,
+                                                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
     return (dh.to(hidden.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None)
 
 
