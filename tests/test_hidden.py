@@ -357,3 +357,44 @@ def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
         db = torch.cat([res[backend][4] for res in results])
         assert_close(dw, want_grads[1], torch.float32, scale=scales[1], what="d weight")
         assert_close(db, want_grads[2], torch.float32, scale=scales[2], what="d bias")
+
+
+# --- the benchmark's contenders ----------------------------------------------------------------------------
+
+
+def test_benchmark_contenders_compute_the_same_values_and_gradients():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_hidden
+
+    hidden, weight, ids, gl, ge = bench_hidden.make_inputs(40, 300, 24)
+    hidden, weight = hidden.float(), weight.float()  # the contenders' own arithmetic, not bf16 rounding, is compared
+    names = [n for n in bench_hidden.CONTENDERS if n != "rlloss-fused" or triton_runs_here()]
+    names = [n for n in names if n != "trl-1.16" or _trl_imports()]
+    results = {n: bench_hidden.step(bench_hidden.build(n), hidden, weight, ids, gl, ge) for n in names}
+    want = results["rlloss-torch"]
+    for name, got in results.items():
+        for what, a, e in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
+            assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=f"{name} {what}")
+
+
+def _trl_imports() -> bool:
+    try:
+        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_fused_extra_memory_has_no_term_in_n_times_v():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_hidden
+
+    n, v, h = 65536, 151936, 3584
+    extra = bench_hidden.fused_extra_bytes(n, v, h)
+    accumulators = 4 * (n * h + v * h)  # fp32 d hidden and d weight
+    assert accumulators <= extra <= accumulators + 4 * 2**20  # plus a few MB of per-token statistics
+    assert bench_hidden.fused_extra_bytes(n, 2 * v, h) - extra == 4 * v * h  # doubling V adds only d weight's rows
