@@ -398,3 +398,32 @@ def test_fused_extra_memory_has_no_term_in_n_times_v():
     accumulators = 4 * (n * h + v * h)  # fp32 d hidden and d weight
     assert accumulators <= extra <= accumulators + 4 * 2**20  # plus a few MB of per-token statistics
     assert bench_hidden.fused_extra_bytes(n, 2 * v, h) - extra == 4 * v * h  # doubling V adds only d weight's rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hugging_face_hidden_states_and_lm_head_give_the_loss_of_its_logits(backend):
+    """The README's usage: ``outputs.hidden_states[-1][:, P-1:-1]`` and ``model.lm_head.weight`` give the
+    loss and the parameter gradients that ``policy_loss_from_logits`` gives on the model's own logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).to(DEVICE)
+    B, P, T = 3, 4, 6
+    seq = torch.randint(0, 97, (B, P + T), device=DEVICE)
+    mask = torch.arange(T, device=DEVICE)[None, :] < torch.tensor([[6], [2], [4]], device=DEVICE)
+    old = -torch.rand(B, T, device=DEVICE) * 5
+    adv = torch.randn(B, device=DEVICE)
+    kw = {"eps_high": 0.28, "aggregation": "seq_mean_token_mean", "entropy_coef": 0.01, "temperature": 0.9}
+    params = [model.lm_head.weight, model.model.layers[1].mlp.down_proj.weight]
+
+    out = model(input_ids=seq, output_hidden_states=True, logits_to_keep=1)  # no [B, P + T, V] logits
+    got = rlloss.policy_loss_from_hidden(out.hidden_states[-1][:, P - 1:-1], model.lm_head.weight, seq[:, P:],
+                                         old, adv, mask, backend=backend, **kw)
+    got_grads = torch.autograd.grad(got.loss, params)
+    logits = model(input_ids=seq).logits[:, P - 1:-1]
+    want = rlloss.policy_loss_from_logits(logits, seq[:, P:], old, adv, mask, backend="torch", **kw)
+    want_grads = torch.autograd.grad(want.loss, params)
+    assert_close(got.loss, want.loss, torch.float32, scale=1.0, what="loss")
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, torch.float32, scale=float(w.abs().max()), what="parameter gradient")
