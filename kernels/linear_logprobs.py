@@ -126,33 +126,38 @@ def _linear_fwd_kernel(
 
 
 @triton.jit
-def _d_logits(z, cols, col_ok, tok_ok, local, lse, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD: tl.constexpr):
-    """``d z = g_l (1[v = id] - p) - g_H p (z - lse + H)``, divided by the temperature; 0 off the tile."""
-    p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)  # no exp overflow past the vocabulary
+def _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD: tl.constexpr):
+    """``d z = g_l (1[v = id] - p) - g_H p (log p + H)``, divided by the temperature; 0 off the tile.
+
+    ``log p = (z - m) - log s``: never ``z - lse`` with ``lse`` rounded near ``|z|`` (1e4 would cost 5e-4).
+    """
+    log_p = (z - m[:, None]) - log_s[:, None]
+    p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)  # no exp overflow past the vocabulary
     dz = g_logp[:, None] * (tl.where(cols[None, :] == local[:, None], 1.0, 0.0) - p)
     if HAS_ENT_GRAD:
-        dz -= tl.where(p > 0, g_ent[:, None] * p * (z - lse[:, None] + ent[:, None]), 0.0)
+        dz -= tl.where(p > 0, g_ent[:, None] * p * (log_p + ent[:, None]), 0.0)
     return tl.where(tok_ok[:, None] & col_ok[None, :], dz / temperature, 0.0)
 
 
 @triton.jit
-def _token_grads_in(ids_ptr, start_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, rows, tok_ok, s_ids,
+def _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, rows, tok_ok, s_ids,
                     HAS_ENT_GRAD: tl.constexpr):
     local = tl.load(ids_ptr + rows * s_ids, mask=tok_ok, other=0).to(tl.int64) - tl.load(start_ptr)
-    lse = tl.load(lse_ptr + rows, mask=tok_ok, other=0.0)
+    m = tl.load(m_ptr + rows, mask=tok_ok, other=0.0)
+    log_s = tl.load(ls_ptr + rows, mask=tok_ok, other=0.0)
     g_logp = tl.load(gl_ptr + rows, mask=tok_ok, other=0.0).to(tl.float32)
-    ent = tl.zeros_like(lse)
-    g_ent = tl.zeros_like(lse)
+    ent = tl.zeros_like(m)
+    g_ent = tl.zeros_like(m)
     if HAS_ENT_GRAD:
         ent = tl.load(ent_ptr + rows, mask=tok_ok, other=0.0)
         g_ent = tl.load(ge_ptr + rows, mask=tok_ok, other=0.0).to(tl.float32)
-    return local, lse, ent, g_logp, g_ent
+    return local, m, log_s, ent, g_logp, g_ent
 
 
 @triton.jit
 def _linear_dh_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    lse_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr,
+    m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -161,14 +166,15 @@ def _linear_dh_kernel(
     count = tl.load(count_ptr)
     if n0 < count:
         rows, tok_ok = _packed_rows(order_ptr, n0, count, BLOCK_N)
-        local, lse, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, rows,
+        local, m, log_s, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr,
+                                                                rows,
                                                          tok_ok, s_ids, HAS_ENT_GRAD)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
                              HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
-            dl = _d_logits(z, cols, col_ok, tok_ok, local, lse, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
+            dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
             if not INTERPRETER_BF16:
                 dl = dl.to(w_ptr.dtype.element_ty)
             for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d hidden: read, add, write
@@ -188,7 +194,7 @@ def _linear_dh_kernel(
 @triton.jit
 def _linear_dw_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    lse_ptr, ent_ptr, gl_ptr, ge_ptr, dw_ptr, db_ptr,
+    m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, dw_ptr, db_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -199,11 +205,12 @@ def _linear_dw_kernel(
     db = tl.zeros((BLOCK_V,), tl.float32)
     for n0 in range(0, count, BLOCK_N):  # token blocks in order: a fixed summation order
         rows, tok_ok = _packed_rows(order_ptr, n0, count, BLOCK_N)
-        local, lse, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, rows,
+        local, m, log_s, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr,
+                                                                rows,
                                                          tok_ok, s_ids, HAS_ENT_GRAD)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
                          HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
-        dl = _d_logits(z, cols, col_ok, tok_ok, local, lse, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
+        dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
         if HAS_BIAS:
             db += tl.sum(dl, axis=0)
         dlt = tl.trans(dl)
@@ -266,10 +273,11 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 valid: torch.Tensor, vocab_start: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                 g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float
+                 valid: torch.Tensor, vocab_start: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
+                 entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(d hidden, d weight, d bias or None)`` in the inputs' dtypes, from global ``lse``/``entropy`` ``[N]``.
+    """``(d hidden, d weight, d bias or None)`` in the inputs' dtypes, from the global max ``m``,
+    ``log_s`` (``lse = m + log_s``) and ``entropy`` ``[N]``.
 
     ``d hidden`` is this shard's contribution (a vocabulary-parallel caller sums it over ranks).
     """
@@ -285,7 +293,7 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         g_logp = g_logp.contiguous()
         g_ent = g_entropy.contiguous() if has_ent else g_logp
         common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
-                  lse.contiguous(), entropy.contiguous(), g_logp, g_ent)
+                  m.contiguous(), log_s.contiguous(), entropy.contiguous(), g_logp, g_ent)
         flags = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
         args = (*_launch_args(hidden, weight, ids), float(temperature))
         bn, bv, bh, warps = blocks(hidden.dtype, "dh")
@@ -299,12 +307,12 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def finish_stats(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zt: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, entropy, lse)`` from a token's statistics over the whole vocabulary.
+    """``(logp, entropy, log_s)`` from a token's statistics over the whole vocabulary (``lse = m + log_s``).
 
-    ``lse = m + log s``, ``entropy = log s - u / s`` (``u`` is taken against ``m``, so no large
-    ``z`` is subtracted from another) and ``logp = min(zt - lse, 0)``: ``zt <= m <= lse`` already
-    holds for the kernel's own tile; the bound also covers a target logit summed across shards.
+    ``logp = min((zt - m) - log s, 0)`` and ``entropy = log s - u / s``: differences of nearby
+    numbers are taken first, never against a rounded ``lse`` (near |z| = 1e4 fp32's spacing is
+    1e-3). ``zt <= m`` already holds for the kernel's own tile; the bound also covers a target
+    logit summed across shards.
     """
     log_s = torch.log(s)
-    lse = m + log_s
-    return torch.clamp(zt - lse, max=0.0), log_s - u / s, lse
+    return torch.clamp((zt - m) - log_s, max=0.0), log_s - u / s, log_s

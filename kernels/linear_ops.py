@@ -30,16 +30,16 @@ def _(hidden, weight, bias, ids, valid, vocab_start, temperature):
 
 @torch.library.custom_op("rlloss::linear_grads", mutates_args=())
 def linear_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor, vocab_start: Tensor,
-                 lse: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
+                 m: Tensor, log_s: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
                  temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(d hidden, d weight, d bias)``; ``d bias`` is an empty tensor without a bias."""
-    dh, dw, db = k.linear_grads(hidden, weight, bias, ids, valid, vocab_start, lse, entropy, g_logp, g_entropy,
-                                temperature)
+    dh, dw, db = k.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp,
+                                g_entropy, temperature)
     return dh, dw, db if db is not None else weight.new_empty(0)
 
 
 @linear_grads.register_fake
-def _(hidden, weight, bias, ids, valid, vocab_start, lse, entropy, g_logp, g_entropy, temperature):
+def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format), db
@@ -47,33 +47,34 @@ def _(hidden, weight, bias, ids, valid, vocab_start, lse, entropy, g_logp, g_ent
 
 @torch.library.custom_op("rlloss::linear_token_logprobs", mutates_args=())
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
-                          temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` fp32 ``[N]`` of an unsharded LM head; 0 where not ``valid``."""
+                          temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, entropy, m, log_s)`` fp32 ``[N]`` of an unsharded LM head (``lse = m + log_s``); 0 where not ``valid``."""
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    logp, entropy, lse = k.finish_stats(*k.linear_stats(hidden, weight, bias, ids, valid, start, temperature))
-    return logp, entropy, lse
+    m, s, u, zt = k.linear_stats(hidden, weight, bias, ids, valid, start, temperature)
+    logp, entropy, log_s = k.finish_stats(m, s, u, zt)
+    return logp, entropy, m, log_s
 
 
 @linear_token_logprobs.register_fake
 def _(hidden, weight, bias, ids, valid, temperature):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(4))
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias, ids, valid, temperature = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, lse)
+    _, entropy, m, log_s = output
+    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, m, log_s)
     ctx.temperature = temperature
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(m, log_s)
 
 
-def _backward(ctx, g_logp, g_entropy, g_lse):
-    hidden, weight, bias, ids, valid, entropy, lse = ctx.saved_tensors
+def _backward(ctx, g_logp, g_entropy, g_m, g_log_s):
+    hidden, weight, bias, ids, valid, entropy, m, log_s = ctx.saved_tensors
     if g_logp is None:
-        g_logp = torch.zeros_like(lse)
+        g_logp = torch.zeros_like(m)
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, lse, entropy, g_logp, g_entropy,
+    dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, m, log_s, entropy, g_logp, g_entropy,
                               ctx.temperature)
     return dh, dw, db if bias is not None else None, None, None, None
 

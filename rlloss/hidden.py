@@ -142,9 +142,8 @@ def _linear_token_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, bia
     own = (local >= 0) & (local < weight.shape[0])
     z_own = z.gather(-1, torch.where(own, local, torch.zeros_like(local))[:, None])[:, 0]
     zt = _SumOverGroup.apply(torch.where(own, z_own, torch.zeros_like(z_own)), group)
-    lse = m + torch.log(s)
     zero = torch.zeros((), dtype=dtype, device=hidden.device)
-    logp = torch.clamp(zt - lse, max=0.0)
+    logp = torch.clamp((zt - m) - torch.log(s), max=0.0)  # nearby numbers first: no rounded lse near |z| = 1e4
     entropy = torch.log(s) - u / s
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
@@ -167,10 +166,10 @@ class _ShardedLinearLogprobs(torch.autograd.Function):
         scale = torch.exp(m - big_m)
         parts = torch.stack([s * scale, (u + s * (m - big_m)) * scale, zt])  # u, s rebased on the global max
         dist.all_reduce(parts, group=group)
-        logp, entropy, lse = finish_stats(big_m, parts[0], parts[1], parts[2])
+        logp, entropy, log_s = finish_stats(big_m, parts[0], parts[1], parts[2])
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)  # each rank's (0, 1, 0, 0) at padding sums to s = world
         logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
-        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, lse)
+        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s)
         ctx.temperature, ctx.group = temperature, group
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -179,11 +178,11 @@ class _ShardedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         from .kernels import linear_ops
 
-        hidden, weight, bias, ids, valid, vocab_start, entropy, lse = ctx.saved_tensors
+        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        dh, dw, db = linear_ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, lse, entropy, g_logp,
-                                             g_entropy, ctx.temperature)
+            g_logp = torch.zeros_like(m)
+        dh, dw, db = linear_ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
+                                             g_logp, g_entropy, ctx.temperature)
         dh32 = dh.float()
         torch.distributed.all_reduce(dh32, group=ctx.group)
         return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None
@@ -262,7 +261,7 @@ def linear_token_logprobs(
         if group is None:
             from .kernels import linear_ops
 
-            logp, entropy, _ = linear_ops.linear_token_logprobs(h2, weight, bias, ids1, valid1, float(temperature))
+            logp, entropy, _, _ = linear_ops.linear_token_logprobs(h2, weight, bias, ids1, valid1, float(temperature))
         else:
             logp, entropy = _ShardedLinearLogprobs.apply(h2, weight, bias, ids1, valid1, vocab_start,
                                                          float(temperature), group)

@@ -427,3 +427,36 @@ def test_hugging_face_hidden_states_and_lm_head_give_the_loss_of_its_logits(back
     assert_close(got.loss, want.loss, torch.float32, scale=1.0, what="loss")
     for g, w in zip(got_grads, want_grads):
         assert_close(g, w, torch.float32, scale=float(w.abs().max()), what="parameter gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [1e4, -1e4])
+def test_entropy_near_1e4_matches_float64(backend, shift):
+    """Logits exactly representable in fp32 (hidden 1, weight k/8, bias +-1e4): the entropy is summed
+    against the running max, so it stays within 1e-5 relative of fp64; ``lse - sum p z`` would lose
+    about 2e-4 there."""
+    gen = torch.Generator().manual_seed(13)
+    v = 301
+    weight = (torch.randint(-40, 41, (v, 1), generator=gen).float() / 8).to(DEVICE)
+    bias = torch.full((v,), shift, device=DEVICE)
+    hidden = torch.ones(5, 1, device=DEVICE) * torch.tensor([1.0, 0.5, 2.0, 0.25, 1.5], device=DEVICE)[:, None]
+    ids = torch.randint(0, v, (5,), generator=gen).to(DEVICE)
+    logp, ent = rlloss.linear_token_logprobs(hidden, weight, ids, bias=bias, return_entropy=True, backend=backend)
+    z = hidden.double() @ weight.double().T + shift
+    lsm = torch.log_softmax(z, -1)
+    want_ent = -(lsm.exp() * lsm).sum(-1)
+    torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp.double(), lsm.gather(-1, ids[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_without_entropy_the_gradient_is_the_log_prob_gradient():
+    hidden, weight, b, ids, mask = make_head(33, 17, 131, torch.float32, 14, bias=True, mask_kind="random")
+    gl, _ = upstream(33, "logp", 14, False)
+    zero = torch.zeros_like(gl)
+    want = run(hidden, weight, b, ids, mask, 1.0, gl, zero, "torch")[2]
+    h, w, bb = leaves(hidden, weight, b)
+    logp = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, backend="triton")
+    got = torch.autograd.grad((logp * gl).sum(), [h, w, bb])
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32, scale=float(e.abs().max()))
