@@ -16,7 +16,9 @@ then ``token_logprobs``) without ever writing a tile of logits to memory:
   accumulator, and sums ``d bias`` in registers.
 
 Every accumulator row has one owner program and a fixed loop order: no atomics, bitwise
-deterministic. Tokens are packed valid-first by the caller (``order``, a stable sort of the mask,
+deterministic. The accumulators live in memory (an fp32 ``[N, H]`` or ``[V, H]`` does not fit on
+chip), read and written once per tile: long, thin backward tiles keep that traffic down, and
+``benchmarks/bench_hidden.py`` counts it. Tokens are packed valid-first (``pack_valid``: ``order``, a stable sort of the mask,
 and ``count``, the number of valid tokens, both on the device): programs past ``count`` return at
 once, so padding costs no matmul and its ids are never read. ``vocab_start`` (a device scalar) is
 the first global id of this weight shard (0 without tensor parallelism).
