@@ -79,7 +79,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh,
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < H
         a = tl.load(h_ptr + rows[:, None] * s_hn + hk[None, :] * s_hh, mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * s_wv + hk[:, None] * s_wh, mask=hk_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * s_wv + hk[:, None] * s_wh, mask=hk_ok[:, None] & col_ok[None, :], other=0.0)
         if INTERPRETER_BF16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -182,7 +182,7 @@ def _linear_dh_kernel(
             for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d hidden: read, add, write
                 hk = h0 + tl.arange(0, BLOCK_H)
                 hk_ok = hk < H
-                w = tl.load(w_ptr + cols[:, None] * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
+                w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
                             other=0.0)
                 if INTERPRETER_BF16:
                     w = w.to(tl.float32)
