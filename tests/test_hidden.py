@@ -186,8 +186,8 @@ def loss_inputs(dtype: torch.dtype, seed: int):
     hidden[1] = hidden[1].flip(0)
     ids = torch.cat([ids, ids.flip(1)])
     mask = torch.cat([mask, mask.flip(1)])
-    mask[1, :3] = False
-    ids[1, :3] = -100
+    mask[1] = False  # an empty row
+    ids[1] = -100
     gen = torch.Generator().manual_seed(seed)
     old = (-torch.rand(2, 23, generator=gen) * 5).to(DEVICE)
     adv = torch.randn(2, generator=gen).to(DEVICE)
