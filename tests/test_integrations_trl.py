@@ -290,3 +290,18 @@ def test_training_matches_trl(checkpoint, tmp_path, loss_type, extra_config):
     assert moved > 1e-4  # training changed the weights
     for name in final[0]:
         torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_example_trains(tmp_path):
+    """examples/trl_grpo.py, shortened: two optimizer steps through TRL's loop, finite loss and reward."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    spec = importlib.util.spec_from_file_location("trl_grpo_example", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(steps=2, quiet=True)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([row["loss"], row["reward"]])).all() for row in rows)
+    assert all(0 <= row["reward"] <= 1 for row in rows)

@@ -262,3 +262,18 @@ def test_missing_verl_names_the_extra():
             "try:\n    import rlloss.integrations.verl\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "rlloss[verl]"' in out
+
+
+@pytest.mark.parametrize("loss_mode, adv_estimator", [("rlloss_ppo", "rlloss_grpo"), ("rlloss_cispo", "rlloss_rloo")])
+def test_example_trains(loss_mode, adv_estimator):
+    """examples/verl_loss.py, shortened: verl's compute_advantage and ppo_loss with rlloss names."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "verl_loss.py"
+    spec = importlib.util.spec_from_file_location("verl_loss_example", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(steps=2, loss_mode=loss_mode, adv_estimator=adv_estimator, quiet=True)
+    assert len(rows) == 2
+    assert all(np.isfinite(row["loss"]) and 0 <= row["reward"] <= 1 for row in rows)
