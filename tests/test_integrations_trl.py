@@ -305,3 +305,17 @@ def test_example_trains(tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([row["loss"], row["reward"]])).all() for row in rows)
     assert all(0 <= row["reward"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_finite_where_trl_overflows(checkpoint, tmp_path, loss_type):
+    """A log-ratio of 100 on a negative-advantage token: TRL's exp overflows (loss inf or NaN);
+    rlloss clamps the log-ratio at 20 and stays finite, loss and gradient (its documented choice)."""
+    stock = build(trl.GRPOTrainer, checkpoint, tmp_path, loss_type=loss_type, beta=0.1)
+    ours = build(GRPOTrainer, checkpoint, tmp_path, loss_type=loss_type, beta=0.1)
+    inputs = make_inputs(stock)
+    inputs["old_per_token_logps"][1, 1] -= 100.0  # row 1 has advantage -0.7
+    want, _ = loss_and_grads(stock, inputs)
+    got, grads = loss_and_grads(ours, inputs)
+    assert not torch.isfinite(want)
+    assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads.values())

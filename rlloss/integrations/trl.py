@@ -147,8 +147,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if objective is not None and not isinstance(objective, (str, rlloss.Objective)):
             raise TypeError(f"objective must be None, an rlloss objective or its name, got {objective!r}")
-        self.objective = objective
-        self.backend = backend
+        # not self.objective: transformers' Trainer uses that name for hyperparameter search
+        self.rlloss_objective = objective
+        self.rlloss_backend = backend
         self._rlloss_rewards: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
         self._check_supported()
@@ -164,7 +165,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.multi_objective_aggregation != "sum_then_normalize":
             unsupported.append(f"multi_objective_aggregation={self.multi_objective_aggregation!r} "
                                "(only 'sum_then_normalize')")
-        if self.objective is None:
+        if self.rlloss_objective is None:
             loss_type_objective(self)  # rejects an unknown loss_type
             if self.loss_type in ("cispo", "sapo") and self.importance_sampling_level == "sequence":
                 unsupported.append(f"loss_type={self.loss_type!r} with importance_sampling_level='sequence'")
@@ -179,16 +180,16 @@ class GRPOTrainer(trl.GRPOTrainer):
             raise NotImplementedError("rlloss.integrations.trl.GRPOTrainer does not support yet: "
                                       + "; ".join(unsupported))
         if self._is_per_row() and self.loss_type not in ("grpo", "sapo"):
-            raise ValueError(f"objective {self.objective!r} is per sequence (seq_mean_token_mean); use it with "
+            raise ValueError(f"objective {self.rlloss_objective!r} is per sequence (seq_mean_token_mean); use it with "
                              f"loss_type='grpo', got loss_type={self.loss_type!r}")
 
     def _is_vespo(self) -> bool:
-        if self.objective is None:
+        if self.rlloss_objective is None:
             return self.loss_type == "vespo"
-        return isinstance(self.objective, rlloss.VESPO) or self.objective == "vespo"
+        return isinstance(self.rlloss_objective, rlloss.VESPO) or self.rlloss_objective == "vespo"
 
     def _is_per_row(self) -> bool:
-        return isinstance(self.objective, rlloss.GMPO) or self.objective == "gmpo"
+        return isinstance(self.rlloss_objective, rlloss.GMPO) or self.rlloss_objective == "gmpo"
 
     # --- advantages ---------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         adv = inputs["advantages"]
         old = old_input = inputs.get("old_per_token_logps")
         weights, entropy_mask = self._token_weights(logp, old, adv, valid, entropies, inputs)
-        objective = loss_type_objective(self) if self.objective is None else self.objective
+        objective = loss_type_objective(self) if self.rlloss_objective is None else self.rlloss_objective
         if self._is_vespo() and self._vllm_is():
             # TRL folds the engine's ratio into VESPO's row sum: log w = sum_t (d + clamp(log isr))
             isr = inputs["importance_sampling_ratio"]
@@ -246,7 +247,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         result = rlloss.policy_loss(
             logp, old, adv, valid, objective=objective, ref_logp=ref, beta=self.beta, kl="k3",
-            kl_bias_correction=bool(self.args.use_bias_correction_kl), token_weights=weights, backend=self.backend,
+            kl_bias_correction=bool(self.args.use_bias_correction_kl), token_weights=weights, backend=self.rlloss_backend,
             **normaliser,
         )
         loss = result.loss
@@ -302,7 +303,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.beta != 0.0:
             metrics["kl"].append(self._global_mean(result.metrics["kl_mean"] * tokens, tokens))
         metrics["entropy"].append(self._global_mean(torch.where(valid, entropies, 0.0).sum(), tokens))
-        if self.objective is not None:
+        if self.rlloss_objective is not None:
             for name, value in sorted(result.metrics.items()):
                 if name != "kl_mean":
                     metrics[f"rlloss/{name}"].append(self._global_mean(value * tokens, tokens))
