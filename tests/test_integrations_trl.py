@@ -76,7 +76,7 @@ def build(cls, checkpoint, tmp_path, extra=None, **config):
     return trainer
 
 
-def make_inputs(trainer, *, old=True, vllm=None, seed=1):
+def make_inputs(trainer, *, old=True, vllm=None, tool_mask=False, seed=1):
     """One micro-batch as TRL's ``_generate_and_score_completions`` hands it to ``_compute_loss``."""
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(2, len(VOCAB), (B, P), generator=g)
@@ -91,6 +91,8 @@ def make_inputs(trainer, *, old=True, vllm=None, seed=1):
     with torch.no_grad():
         logp, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), C)
+    if tool_mask:  # tool-output tokens inside completions: out of the loss, still attended to
+        inputs["tool_mask"] = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 0, 1, 1, 1, 1], [1] * C, [0, 1, 1, 0, 1, 1]])
     if old:  # off-policy: ratios from about 0.5 to 2, so both clips bind
         inputs["old_per_token_logps"] = logp + 0.4 * torch.randn(B, C, generator=g)
     inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(B, C, generator=g)
@@ -138,6 +140,8 @@ CASES = {
                        dict(vllm="token_mask")),
     "grpo-vllm-sequence": (dict(loss_type="grpo"), dict(use_vllm=True, vllm_importance_sampling_correction=True),
                            dict(vllm="sequence")),
+    "dapo-tool-mask": (dict(loss_type="dapo", beta=0.1, top_entropy_quantile=0.6), {}, dict(tool_mask=True)),
+    "grpo-tool-mask": (dict(loss_type="grpo"), {}, dict(tool_mask=True)),
     "vespo-vllm": (dict(loss_type="vespo"), dict(use_vllm=True, vllm_importance_sampling_correction=True),
                    dict(vllm="token_truncate")),
 }
@@ -242,6 +246,7 @@ def test_gmpo_needs_a_per_sequence_loss_type(checkpoint, tmp_path):
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
     (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+    (dict(use_liger_kernel=True), "use_liger_kernel"),
 ])
 def test_unsupported_options_are_named(checkpoint, tmp_path, config, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -319,3 +324,27 @@ def test_finite_where_trl_overflows(checkpoint, tmp_path, loss_type):
     got, grads = loss_and_grads(ours, inputs)
     assert not torch.isfinite(want)
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory):
+    """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_qwen2_moe")
+    config = Qwen2MoeConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=1, router_aux_loss_coef=0.1)
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(config).save_pretrained(path)
+    checkpoint[1].save_pretrained(path)
+    moe = (str(path), checkpoint[1])
+    trainers = [build(cls, moe, tmp_path_factory.mktemp("out"), loss_type="dapo") for cls in (trl.GRPOTrainer, GRPOTrainer)]
+    assert all(t.aux_loss_enabled for t in trainers)
+    inputs = make_inputs(trainers[0])
+    (want, want_grads), (got, got_grads) = (loss_and_grads(t, inputs) for t in trainers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert trainers[1]._metrics["train"]["aux_loss"] == pytest.approx(trainers[0]._metrics["train"]["aux_loss"])

@@ -34,6 +34,8 @@ TRL_EPS = 1e-4  # TRL's reward-std epsilon (grpo_trainer: std + 1e-4)
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 BACKENDS = ("auto", "torch", "triton")
+LIGER = ("use_liger_kernel=True (rlloss's loss from hidden states is not wired in yet; TRL's fused LM head "
+         "already avoids the logits without it)")
 
 
 def loss_type_objective(trainer: Any) -> rlloss.Objective:
@@ -151,6 +153,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.rlloss_objective = objective
         self.rlloss_backend = backend
         self._rlloss_rewards: torch.Tensor | None = None
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None and getattr(config, "use_liger_kernel", False):  # before TRL loads Liger
+            raise NotImplementedError(f"rlloss.integrations.trl.GRPOTrainer does not support yet: {LIGER}")
         super().__init__(*args, **kwargs)
         self._check_supported()
 
@@ -158,8 +163,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         args = self.args
         unsupported = []
         if args.use_liger_kernel:
-            unsupported.append("use_liger_kernel=True (rlloss's loss from hidden states is not wired in yet; "
-                               "TRL's fused LM head already avoids the logits)")
+            unsupported.append(LIGER)
         if self.use_adaptive_entropy:
             unsupported.append("use_adaptive_entropy=True (a static entropy_coef is supported)")
         if self.multi_objective_aggregation != "sum_then_normalize":
