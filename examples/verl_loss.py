@@ -74,8 +74,8 @@ def main(steps: int = 10, loss_mode: str = "rlloss_ppo", adv_estimator: str = "r
         a, b = torch.randint(0, 10, (2, groups))
         prompts = torch.stack([a, b], 1).repeat_interleave(group_size, 0) + DIGIT0
         with torch.no_grad():
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, max_new_tokens=max_len,
-                                 min_new_tokens=1, pad_token_id=PAD, eos_token_id=EOS)
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                 max_new_tokens=max_len, min_new_tokens=1, pad_token_id=PAD, eos_token_id=EOS)
         responses = torch.nn.functional.pad(out[:, prompts.shape[1]:], (0, max_len), value=PAD)[:, :max_len]
         ended = (responses == EOS).cumsum(-1)
         mask = (ended == 0) | ((ended == 1) & (responses == EOS))  # up to and including the first EOS
@@ -99,7 +99,8 @@ def main(steps: int = 10, loss_mode: str = "rlloss_ppo", adv_estimator: str = "r
                            "attention_mask": torch.cat([torch.ones_like(prompts), mask.long()], 1),
                            "response_mask": mask.long(), "old_log_probs": old, "advantages": advantages,
                            "ref_log_prob": ref}, batch_size=[len(prompts)])
-        for key, value in {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": len(prompts)}.items():
+        counts = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": len(prompts)}
+        for key, value in counts.items():  # what verl's trainer sets before calling ppo_loss
             tu.assign_non_tensor_data(data, key, value)
         loss, _ = ppo_loss(actor, {"log_probs": verl_layout(logp, prompts.shape[1], mask)}, data)
         optimizer.zero_grad()

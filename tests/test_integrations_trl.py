@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 import rlloss  # noqa: E402
 from rlloss.integrations.trl import GRPOTrainer  # noqa: E402
 
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]  # TRL 1.16's loss types
 VOCAB = ["<pad>", "<eos>"] + [str(i) for i in range(30)]
 B, P, C = 4, 3, 6  # micro-batch rows, prompt and completion lengths
 GA = 2  # gradient accumulation steps = steps_per_generation
@@ -116,7 +117,7 @@ def loss_and_grads(trainer, inputs):
 
 # (TRL config, attributes set after building (vLLM is not installable on a CPU), make_inputs options)
 CASES = {
-    **{lt: (dict(loss_type=lt), {}, {}) for lt in ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]},
+    **{lt: (dict(loss_type=lt), {}, {}) for lt in LOSS_TYPES},
     "grpo-beta-bias": (dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True), {}, {}),
     "grpo-beta-nobias": (dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False), {}, {}),
     "bnpo-beta": (dict(loss_type="bnpo", beta=0.05), {}, {}),
@@ -340,7 +341,8 @@ def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory):
     Qwen2MoeForCausalLM(config).save_pretrained(path)
     checkpoint[1].save_pretrained(path)
     moe = (str(path), checkpoint[1])
-    trainers = [build(cls, moe, tmp_path_factory.mktemp("out"), loss_type="dapo") for cls in (trl.GRPOTrainer, GRPOTrainer)]
+    trainers = [build(cls, moe, tmp_path_factory.mktemp("out"), loss_type="dapo")
+                for cls in (trl.GRPOTrainer, GRPOTrainer)]
     assert all(t.aux_loss_enabled for t in trainers)
     inputs = make_inputs(trainers[0])
     (want, want_grads), (got, got_grads) = (loss_and_grads(t, inputs) for t in trainers)

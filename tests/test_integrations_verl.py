@@ -152,8 +152,8 @@ def test_every_objective_has_a_loss():
     """One rlloss_ name per rlloss objective (the exported Objective subclasses)."""
     objectives = {cls for cls in vars(rlloss).values() if isinstance(cls, type) and issubclass(cls, rlloss.Objective)
                   and cls is not rlloss.Objective}
-    built = {type(build(ActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=True,
-                                    policy_loss=PolicyLossConfig(dro_beta=0.1)))) for build, _, _ in rv.POLICY_LOSSES.values()}
+    config = ActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=True, policy_loss=PolicyLossConfig(dro_beta=0.1))
+    built = {type(build(config)) for build, _, _ in rv.POLICY_LOSSES.values()}
     assert objectives <= built
     for name in rv.POLICY_LOSSES:
         assert core_algos.get_policy_loss_fn(rv.PREFIX + name).__name__ == rv.PREFIX + name

@@ -225,7 +225,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         mode = "train" if training else "eval"
         ga = self.current_gradient_accumulation_steps if training else 1
         completion_ids = inputs["completion_ids"]
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # tool-output tokens: attended to, not trained on
+            mask = mask * inputs["tool_mask"]
         valid = mask.bool()
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -251,7 +253,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         result = rlloss.policy_loss(
             logp, old, adv, valid, objective=objective, ref_logp=ref, beta=self.beta, kl="k3",
-            kl_bias_correction=bool(self.args.use_bias_correction_kl), token_weights=weights, backend=self.rlloss_backend,
+            kl_bias_correction=bool(self.args.use_bias_correction_kl), token_weights=weights,
+            backend=self.rlloss_backend,
             **normaliser,
         )
         loss = result.loss

@@ -135,7 +135,8 @@ def verl_normalizer(loss_agg_mode: str, mask: torch.Tensor, global_batch_info: d
     length ``T``) and the same ``num_seqs``; all times ``dp_size``. As verl, a ``dp_size > 1``
     without the global count is a ``ValueError``.
     """
-    info = global_batch_info or {}
+    info = {key: value.to(mask.device) if isinstance(value, torch.Tensor) else value
+            for key, value in (global_batch_info or {}).items()}  # counts on the loss's device
     dp_size = int(info.get("dp_size") or 1)
     if loss_agg_mode == "token-mean":
         tokens = info.get("batch_num_tokens")
@@ -181,7 +182,8 @@ def make_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, f
         if isinstance(objective, rlloss.GMPO):
             # verl's geo_mean: the mean over the micro-batch's rows, empty ones included
             info = info or {}
-            normaliser = {"aggregation": "seq_mean_token_mean", "num_seqs": info.get("global_batch_size") or mask.shape[0],
+            normaliser = {"aggregation": "seq_mean_token_mean",
+                          "num_seqs": info.get("global_batch_size") or mask.shape[0],
                           "dp_size": int(info.get("dp_size") or 1)}
         else:
             normaliser = verl_normalizer(mode, mask, info)
@@ -197,7 +199,7 @@ def make_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, f
         return result.loss, metrics
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"{PREFIX}{name}"
-    policy_loss_fn.__doc__ = f"verl policy loss {PREFIX}{name}: rlloss objective {name}.\n\n" + (make_policy_loss.__doc__ or "")
+    policy_loss_fn.__doc__ = f"verl policy loss {PREFIX}{name}: the rlloss objective {name} (see make_policy_loss)."
     return policy_loss_fn
 
 
