@@ -148,9 +148,9 @@ CASES = {
 }
 
 
-def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False):
+def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False, backend="auto"):
     stock = build(trl.GRPOTrainer, checkpoint, tmp_path, **config)
-    ours = build(GRPOTrainer, checkpoint, tmp_path, **config)
+    ours = build(GRPOTrainer, checkpoint, tmp_path, extra=dict(backend=backend), **config)
     for trainer in (stock, ours):
         for name, value in attrs.items():
             setattr(trainer, name, value)
@@ -178,6 +178,14 @@ def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False)
 def test_compute_loss_matches_trl(checkpoint, tmp_path, case):
     config, attrs, input_options = CASES[case]
     compare(checkpoint, tmp_path, config, attrs, input_options)
+
+
+@pytest.mark.parametrize("case", ["dapo", "grpo-beta-bias", "dapo-high-delta", "cispo-beta", "sapo-beta", "vespo-beta",
+                                  "dapo-vllm-token", "dapo-top-entropy-bonus"])
+def test_compute_loss_matches_trl_with_triton(checkpoint, tmp_path, case):
+    """backend="triton": the fused kernel (Triton's interpreter on a CPU) inside the trainer, TRL's numbers."""
+    config, attrs, input_options = CASES[case]
+    compare(checkpoint, tmp_path, config, attrs, input_options, backend="triton")
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
