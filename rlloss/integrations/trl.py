@@ -13,6 +13,7 @@ With ``objective=None`` the numbers are TRL's own (value and gradient, every ``l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -242,7 +243,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self._is_vespo() and self._vllm_is():
             # TRL folds the engine's ratio into VESPO's row sum: log w = sum_t (d + clamp(log isr))
             isr = inputs["importance_sampling_ratio"]
-            log_isr = torch.clamp(torch.log(isr), torch.log(torch.tensor(1e-8)).item(), 20.0)
+            log_isr = torch.clamp(torch.log(isr), math.log(1e-8), 20.0)
             old = (logp.detach() if old is None else old) - log_isr
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         normaliser = loss_type_normalizer(
