@@ -45,8 +45,8 @@ def test_preset_loss_is_policy_loss_with_its_values(recipe):
                               level=recipe.level, **extra)
     assert torch.equal(got.loss, want.loss)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], device=DEVICE)
-    assert torch.equal(recipe.advantages(rewards, 3),
-                       rlloss.group_advantages(rewards, 3, baseline="mean", scale=recipe.scale))
+    assert torch.equal(recipe.advantages(rewards, group_size=3),
+                       rlloss.group_advantages(rewards, group_size=3, baseline="mean", scale=recipe.scale))
 
 
 def test_overrides_win_and_presets_are_frozen():
