@@ -120,3 +120,116 @@ def test_exactly_one_of_groups_and_group_size(name):
 def test_bad_group_arguments_say_what_was_expected(grouping, exc, match):
     with pytest.raises(exc, match=match):
         rlloss.group_advantages(_scores(), **grouping)
+
+
+# =============================================================================================
+# token_logprobs(mask=): padding ids are never read
+# =============================================================================================
+
+B, T, V = 3, 5, 11
+
+
+def _logits_and_ids(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(18)
+    logits = (torch.randn(B, T, V, generator=gen) * 2).to(dtype).to(DEVICE)
+    ids = torch.randint(0, V, (B, T), generator=gen).to(DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]], dtype=torch.bool, device=DEVICE)
+    return logits, ids, mask
+
+
+def _expected(logits, ids, mask, temperature):
+    """Plain torch: log_softmax at the valid tokens, 0 elsewhere; the entropy likewise."""
+    lsm = torch.log_softmax(logits.double() / temperature, dim=-1)
+    logp = lsm.gather(-1, torch.where(mask, ids, 0)[..., None])[..., 0]
+    ent = -(lsm.exp() * lsm).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=logits.device)
+    return torch.where(mask, logp, zero).float(), torch.where(mask, ent, zero).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pad", [-100, V, 10**9, 3])
+def test_masked_ids_are_never_read_and_give_zero_with_zero_gradient(backend, pad):
+    logits, ids, mask = _logits_and_ids()
+    padded = torch.where(mask, ids, torch.full_like(ids, pad))
+    leaf = logits.clone().requires_grad_(True)
+    logp, ent = rlloss.token_logprobs(leaf, padded, temperature=0.7, mask=mask, return_entropy=True, backend=backend)
+    want_logp, want_ent = _expected(logits, ids, mask, 0.7)
+    assert_close(logp, want_logp, torch.float32, what="logp")
+    assert_close(ent, want_ent, torch.float32, what="entropy")
+    assert torch.equal(logp[~mask], torch.zeros_like(logp[~mask]))
+    assert torch.equal(ent[~mask], torch.zeros_like(ent[~mask]))
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    assert torch.equal(leaf.grad[~mask], torch.zeros_like(leaf.grad[~mask]))  # padding gets no gradient
+    assert bool(leaf.grad[mask].abs().sum() > 0)
+    # the gradient at valid positions is that of the plain-torch formula
+    ref = logits.clone().double().requires_grad_(True)
+    lsm = torch.log_softmax(ref / 0.7, dim=-1)
+    valid_logp = lsm.gather(-1, torch.where(mask, ids, 0)[..., None])[..., 0]
+    ((valid_logp - 0.5 * (lsm.exp() * lsm).sum(-1)) * mask).sum().backward()
+    assert_close(leaf.grad, ref.grad.float(), torch.float32, scale=1.0, what="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_padding_value_does_not_matter_bitwise(backend):
+    logits, ids, mask = _logits_and_ids()
+    outs = []
+    for pad in (-100, 0, V + 7):
+        leaf = logits.clone().requires_grad_(True)
+        logp = rlloss.token_logprobs(leaf, torch.where(mask, ids, pad), mask=mask.int(), backend=backend)
+        logp.sum().backward()
+        outs.append((logp.detach(), leaf.grad))
+    for logp, grad in outs[1:]:
+        assert torch.equal(logp, outs[0][0]) and torch.equal(grad, outs[0][1])
+
+
+def test_padding_without_a_mask_is_refused_with_the_fix():
+    logits, ids, mask = _logits_and_ids()
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 11\).*-100.*mask"):
+        rlloss.token_logprobs(logits, torch.where(mask, ids, -100))
+    # a bad id at a valid position is still an error with a mask
+    bad = ids.clone()
+    bad[1, 2] = V
+    with pytest.raises(ValueError, match=r"got values in \[\d+, 11\]"):
+        rlloss.token_logprobs(logits, bad, mask=mask)
+
+
+def test_token_logprobs_mask_must_match_ids():
+    logits, ids, mask = _logits_and_ids()
+    with pytest.raises(ValueError, match="mask must have the shape of ids"):
+        rlloss.token_logprobs(logits, ids, mask=mask[:, :-1])
+
+
+# =============================================================================================
+# Causal-LM logits: the error says how to slice them
+# =============================================================================================
+
+
+@pytest.mark.parametrize("prompt", [1, 6])
+@pytest.mark.parametrize("fn", ["token_logprobs", "policy_loss_from_logits"])
+def test_unshifted_causal_logits_get_the_slice_in_the_error(prompt, fn):
+    gen = torch.Generator().manual_seed(5)
+    completion = 4
+    logits = torch.randn(2, prompt + completion, V, generator=gen).to(DEVICE)  # a model's output over the input
+    ids = torch.randint(0, V, (2, completion), generator=gen).to(DEVICE)  # the completion's tokens
+    call = {
+        "token_logprobs": lambda lg: rlloss.token_logprobs(lg, ids),
+        "policy_loss_from_logits": lambda lg: rlloss.policy_loss_from_logits(
+            lg, ids, None, torch.ones(2, device=DEVICE), torch.ones(2, completion, dtype=torch.bool, device=DEVICE)),
+    }[fn]
+    with pytest.raises(ValueError) as info:
+        call(logits)
+    message = str(info.value)
+    assert "causal LM" in message and "logits[:, P-1:-1]" in message
+    assert f"logits[:, {prompt - 1}:-1]" in message and "logits[:, :-1] with ids = input_ids[:, 1:]" in message
+    # the slice the message gives is the right one: completion token j is scored at position P-1+j
+    logp = rlloss.token_logprobs(logits[:, prompt - 1:-1], ids)
+    lsm = torch.log_softmax(logits.double(), dim=-1)
+    want = torch.stack([lsm[:, prompt - 1 + j].gather(-1, ids[:, j:j + 1])[:, 0] for j in range(completion)], 1)
+    assert_close(logp, want.float(), torch.float32)
+
+
+def test_logits_shorter_than_ids_get_no_causal_hint():
+    logits = torch.zeros(2, 3, V, device=DEVICE)
+    with pytest.raises(ValueError) as info:
+        rlloss.token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+    assert "causal" not in str(info.value)
