@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -172,3 +175,38 @@ def check_groups(groups: object, group_size: object, n: int, device: torch.devic
         raise ValueError(f"groups must be on {device} like the samples, got {groups.device}")
     return groups
 
+
+class EmptyBatchWarning(UserWarning):
+    """A loss or a step had no valid token: nothing was trained on (every position masked).
+
+    Issued through ``warnings``, so Python's default filter shows it once per call site, not once
+    per call; silence it with ``warnings.filterwarnings("ignore", category=rlloss.EmptyBatchWarning)``
+    or turn it into an error with ``"error"``.
+    """
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside rlloss: the user's call, whichever wrapper it went through."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_empty(count: Number | torch.Tensor | None, message: str) -> None:
+    """``EmptyBatchWarning(message)`` when ``count`` is 0, looked at only where that is free.
+
+    A Python number, or a tensor on the CPU, is read; a tensor on an accelerator is not (reading it
+    would synchronise the device), nor anything while ``torch.compile`` traces (a graph break).
+    """
+    if count is None or torch.compiler.is_compiling():
+        return
+    if isinstance(count, torch.Tensor):
+        if count.device.type != "cpu":
+            return
+        count = count.item()
+    if count == 0:
+        warnings.warn(message, EmptyBatchWarning, stacklevel=_caller_stacklevel())

@@ -22,6 +22,7 @@ import torch
 import rlloss
 from helpers import BACKENDS, DEVICE, assert_close
 from rlloss import recipes
+from strategies import make_problem
 
 # =============================================================================================
 # group_size= vs groups=
@@ -233,3 +234,132 @@ def test_logits_shorter_than_ids_get_no_causal_hint():
     with pytest.raises(ValueError) as info:
         rlloss.token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
     assert "causal" not in str(info.value)
+
+
+# =============================================================================================
+# metrics["num_tokens"] and the empty-batch warning
+# =============================================================================================
+
+RECIPES = [recipes.GRPO, recipes.DAPO, recipes.DR_GRPO, recipes.GSPO, recipes.GMPO_RECIPE]
+
+
+def _loss(recipe, p, backend, **kw):
+    extra = {"max_tokens": p.logp.shape[1]} if recipe.aggregation == "constant" else {}
+    if recipe.beta:
+        extra["ref_logp"] = p.old_logp
+    return recipe.loss(p.logp, p.old_logp, p.adv, p.mask, backend=backend, **extra, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+@pytest.mark.parametrize("mask_kind", ["random", "empty_rows", "all_masked"])
+def test_num_tokens_metric_counts_the_valid_tokens_of_the_call(backend, recipe, mask_kind):
+    p = make_problem(5, 7, torch.float32, seed=3, mask_kind=mask_kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rlloss.EmptyBatchWarning)
+        out = _loss(recipe, p, backend if recipe.objective is None else "torch")
+        # with the step's count given, the metric is still this call's count
+        step = _loss(recipe, p, backend if recipe.objective is None else "torch", num_tokens=1000, num_seqs=50)
+    want = int(p.mask.sum())
+    for metrics in (out.metrics, step.metrics):
+        n = metrics["num_tokens"]
+        assert n.dim() == 0 and n.dtype == torch.float32 and not n.requires_grad
+        assert n.item() == want
+    for name, value in out.metrics.items():  # an empty call's metrics are finite zeros
+        assert bool(torch.isfinite(value)), name
+        if want == 0:
+            assert value.item() == 0.0, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_from_logits_reports_num_tokens(backend):
+    logits, ids, mask = _logits_and_ids()
+    out = rlloss.policy_loss_from_logits(logits, torch.where(mask, ids, -100), None, torch.ones(B, device=DEVICE),
+                                         mask, backend=backend)
+    assert out.metrics["num_tokens"].item() == int(mask.sum())
+
+
+def _empty_problem():
+    p = make_problem(4, 6, torch.float32, seed=2, mask_kind="all_masked")
+    assert not bool(p.mask.any())
+    return p
+
+
+def _record(fn, action="always"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        fn()
+    return [w for w in caught if issubclass(w.category, rlloss.EmptyBatchWarning)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the warning reads the count only where it is on the host")
+def test_an_empty_cpu_batch_warns_once_per_call_and_names_the_caller():
+    p = _empty_problem()
+    caught = _record(lambda: rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, backend="torch"))
+    assert len(caught) == 1
+    assert "no valid token" in str(caught[0].message)
+    assert caught[0].filename == __file__  # attributed to the user's line, not to rlloss
+    # through the wrappers too: the first frame outside rlloss
+    logits = torch.randn(4, 6, V)
+    for fn in (lambda: recipes.DAPO.loss(p.logp, p.old_logp, p.adv, p.mask),
+               lambda: rlloss.policy_loss_from_logits(logits, torch.full((4, 6), -100), None, p.adv, p.mask)):
+        caught = _record(fn)
+        assert len(caught) == 1 and caught[0].filename == __file__
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the warning reads the count only where it is on the host")
+def test_the_default_filter_shows_it_once_per_call_site_not_per_call():
+    p = _empty_problem()
+
+    def loop():
+        for _ in range(5):
+            rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask)
+
+    assert len(_record(loop, action="default")) == 1
+
+
+def test_a_non_empty_batch_does_not_warn():
+    p = make_problem(4, 6, torch.float32, seed=2, mask_kind="empty_rows")
+    assert bool(p.mask.any())
+    for backend in BACKENDS:
+        assert _record(lambda: rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, backend=backend)) == []
+    # an empty micro-batch of a non-empty step (the step's count given) is not an empty batch
+    e = _empty_problem()
+    assert _record(lambda: rlloss.policy_loss(e.logp, e.old_logp, e.adv, e.mask, num_tokens=12)) == []
+    assert _record(lambda: rlloss.distributed.step_counts([p.mask, e.mask])) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_count_of_zero_given_as_a_number_warns_on_every_backend(backend):
+    p = make_problem(4, 6, torch.float32, seed=2)
+    caught = _record(lambda: rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, num_tokens=0, backend=backend))
+    assert len(caught) == 1 and "num_tokens=0" in str(caught[0].message)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="step_counts reads its total only on the host")
+def test_step_counts_warns_for_an_empty_step():
+    e = _empty_problem()
+    caught = _record(lambda: rlloss.distributed.step_counts([e.mask, e.mask[:2]]))
+    assert len(caught) == 1 and "whole step" in str(caught[0].message) and caught[0].filename == __file__
+
+
+def test_the_warning_can_be_filtered_by_its_category():
+    assert issubclass(rlloss.EmptyBatchWarning, UserWarning)
+    p = _empty_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=rlloss.EmptyBatchWarning)
+        out = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask)
+    assert out.loss.item() == 0.0
+
+
+def test_no_warning_and_no_graph_break_under_torch_compile():
+    p = _empty_problem()
+
+    def step(logp, old, adv, mask):
+        return rlloss.policy_loss(logp, old, adv, mask, backend="torch", aggregation="token_mean")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    caught = _record(lambda: compiled(p.logp, p.old_logp, p.adv, p.mask))
+    assert caught == []
