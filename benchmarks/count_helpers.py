@@ -83,17 +83,17 @@ def cases(p: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[torch.Te
         ("discounted_returns gamma=1", lambda: rlloss.discounted_returns(tr, mask), [tr, mask]),
         ("discounted_returns gamma=0.99", lambda: rlloss.discounted_returns(tr, mask, gamma=0.99), [tr, mask]),
         ("reinforce_pp_advantages", lambda: rlloss.reinforce_pp_advantages(tr, mask), [tr, mask]),
-        ("reinforce_pp_baseline_advantages", lambda: rlloss.reinforce_pp_baseline_advantages(sc, g, mask),
+        ("reinforce_pp_baseline_advantages", lambda: rlloss.reinforce_pp_baseline_advantages(sc, mask=mask, group_size=g),
          [sc, mask]),
         ("remax_advantages", lambda: rlloss.remax_advantages(tr, mask, p["baseline"]), [tr, mask, p["baseline"]]),
-        ("opo_advantages", lambda: rlloss.opo_advantages(sc, g, mask), [sc, mask]),
+        ("opo_advantages", lambda: rlloss.opo_advantages(sc, mask=mask, group_size=g), [sc, mask]),
         ("opo_advantages (group ids)", lambda: rlloss.opo_advantages(sc, p["ids"], mask), [sc, p["ids"], mask]),
-        ("gpg_advantages", lambda: rlloss.gpg_advantages(sc, g, mask), [sc, mask]),
-        ("passk_advantages", lambda: rlloss.passk_advantages(sc, g, mask), [sc, mask]),
-        ("gdpo_advantages (K=3)", lambda: rlloss.gdpo_advantages(p["scores_k"], g, mask), [p["scores_k"], mask]),
+        ("gpg_advantages", lambda: rlloss.gpg_advantages(sc, mask=mask, group_size=g), [sc, mask]),
+        ("passk_advantages", lambda: rlloss.passk_advantages(sc, mask=mask, group_size=g), [sc, mask]),
+        ("gdpo_advantages (K=3)", lambda: rlloss.gdpo_advantages(p["scores_k"], mask=mask, group_size=g), [p["scores_k"], mask]),
         ("optimal_token_baseline_advantages", lambda: rlloss.optimal_token_baseline_advantages(
-            tr, mask, g, old, p["sum_pi_squared"]), [tr, mask, old, p["sum_pi_squared"]]),
-        ("group_advantages (N=B, for scale)", lambda: rlloss.group_advantages(sc, g, backend="torch"), [sc]),
+            tr, mask, old_logp=old, sum_pi_squared=p["sum_pi_squared"], group_size=g), [tr, mask, old, p["sum_pi_squared"]]),
+        ("group_advantages (N=B, for scale)", lambda: rlloss.group_advantages(sc, group_size=g, backend="torch"), [sc]),
     ]
 
 

@@ -396,7 +396,8 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
     def adv(dt=torch.float32, ids=False, grad=True, **kw):
         def run():
             r = rewards(dt, grad=grad)
-            a = rlloss.group_advantages(r, group_ids() if ids else g, backend="triton", **kw)
+            grouping = {"groups": group_ids()} if ids else {"group_size": g}
+            a = rlloss.group_advantages(r, **grouping, backend="triton", **kw)
             if grad:
                 a.sum().backward()
         return run
@@ -413,7 +414,8 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
 
     def dyn(dt, ids=False):
         def run():
-            rlloss.dynamic_sampling_mask(rewards(dt), group_ids() if ids else g, backend="triton")
+            grouping = {"groups": group_ids()} if ids else {"group_size": g}
+            rlloss.dynamic_sampling_mask(rewards(dt), **grouping, backend="triton")
         return run
 
     add("dynamic_sampling_mask fp32", dyn(torch.float32))

@@ -245,7 +245,7 @@ def generate_batch(policy: Policy, task: Task, recipe: rlloss.Recipe, cfg: Confi
         prompts, answers = task.draw(cfg.prompts, gen)
         comp, lengths, finished = sample(policy, prompts, G, cfg.max_len, task.eos, gen)
         rewards = task.reward(comp, answers.repeat_interleave(G))
-        keep = rlloss.dynamic_sampling_mask(rewards, groups=G, backend=be)
+        keep = rlloss.dynamic_sampling_mask(rewards, group_size=G, backend=be)
         rounds += 1
         sampled_groups += cfg.prompts
         kept_groups += int(keep.sum()) // G
@@ -294,8 +294,8 @@ def train_step(policy: Policy, reference: Policy, optimizer: torch.optim.Optimiz
                                                  return_entropy=True, backend=be)
     signal = torch.zeros(0, dtype=torch.bool)
     if n:  # (DAPO's batch is empty when no sampling round found a group with signal)
-        adv = recipe.advantages(shaped, groups=G, backend=be)
-        signal = rlloss.dynamic_sampling_mask(rewards, groups=G, backend=be)
+        adv = recipe.advantages(shaped, group_size=G, backend=be)
+        signal = rlloss.dynamic_sampling_mask(rewards, group_size=G, backend=be)
 
         # old_logp: the sampling policy (the weights before this step's updates); ref_logp: the
         # frozen initial policy (in the loss with the recipe's beta; always measured).

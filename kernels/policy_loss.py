@@ -252,6 +252,7 @@ def _combine_kernel(
     tl.store(metrics_ptr + 2, _safe_div(clip_dual, count))
     tl.store(metrics_ptr + 3, _safe_div(ratio, count))
     tl.store(metrics_ptr + 4, _safe_div(kl, count))
+    tl.store(metrics_ptr + 5, count)  # the valid tokens of the call (metrics["num_tokens"])
     tl.store(factor_ptr, factor * dp_size)
 
 
@@ -416,7 +417,7 @@ class _PolicyLossFunction(torch.autograd.Function):
         )
         dev = logp.device
         loss = torch.empty((), dtype=torch.float32, device=dev)
-        metrics = torch.empty(5, dtype=torch.float32, device=dev)
+        metrics = torch.empty(6, dtype=torch.float32, device=dev)
         factor = torch.empty(1, dtype=torch.float32, device=dev)
         row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
         tok_ptr, tok_val, tok_mode = _count_args(num_tokens, 0.0, factor)
@@ -471,4 +472,5 @@ def policy_loss_triton(logp, old_logp, adv, mask, objective, ref_logp, beta, kl,
     out["ratio_mean"] = metrics[3]
     if ref_logp is not None:
         out["kl_mean"] = metrics[4]
+    out["num_tokens"] = metrics[5]
     return loss, out

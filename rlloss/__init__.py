@@ -6,6 +6,7 @@ Every public function validates its inputs once and dispatches on ``backend``:
 """
 
 from . import distributed, recipes
+from ._validate import EmptyBatchWarning
 from .advantages import (
     discounted_returns,
     gdpo_advantages,
@@ -44,6 +45,7 @@ from .surrogates import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmptyBatchWarning",
     "CISPO",
     "DPPO",
     "DRO",

@@ -9,6 +9,10 @@ small and computed once per batch (rewards, lengths), never to the per-token ten
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -129,22 +133,80 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def check_groups(groups: object, n: int, device: torch.device) -> int | torch.Tensor:
-    """An int group size dividing ``n`` (contiguous groups) or an integer id tensor ``[n]``."""
-    if isinstance(groups, bool):
-        raise TypeError(f"groups must be an int group size or an integer tensor of group ids, got {groups!r}")
-    if isinstance(groups, int):
-        if groups < 1:
-            raise ValueError(f"groups (group size) must be >= 1, got {groups}")
-        if n % groups != 0:
-            raise ValueError(f"groups={groups} does not divide the number of samples N={n}")
-        return groups
-    if isinstance(groups, torch.Tensor):
-        if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
-            raise TypeError(f"groups as a tensor must hold integer group ids, got {groups.dtype}")
-        if groups.shape != torch.Size([n]):
-            raise ValueError(f"groups (group ids) must have shape [N]={[n]}, got {list(groups.shape)}")
-        if groups.device != device:
-            raise ValueError(f"groups must be on {device} like rewards, got {groups.device}")
-        return groups
-    raise TypeError(f"groups must be an int group size or an integer tensor of group ids, got {type(groups).__name__}")
+GROUPS_HELP = "pass group_size=G for contiguous groups of G, or groups=<integer tensor [N] of group ids>"
+
+
+def check_groups(groups: object, group_size: object, n: int, device: torch.device) -> int | torch.Tensor:
+    """Exactly one of ``group_size`` (an int dividing ``n``) and ``groups`` (an integer id tensor ``[n]``).
+
+    Returns the int group size (contiguous groups, TRL's layout) or the id tensor (verl's ``index``),
+    the form the references and kernels take. An int given as ``groups`` is refused: read as "8
+    groups" where it means groups of 8, it would silently give another normalisation.
+    """
+    if groups is not None and not isinstance(groups, torch.Tensor):
+        if isinstance(groups, numbers.Integral):  # bool and numpy integers included
+            size = int(groups)
+            raise TypeError(f"groups={groups!r} is ambiguous (a number of groups, or a group size?): pass "
+                            f"group_size={size} for contiguous groups of {size}, or groups=<integer tensor [N] "
+                            "of group ids>")
+        raise TypeError(f"groups must be an integer tensor [N] of group ids, got {type(groups).__name__} "
+                        f"({GROUPS_HELP})")
+    if groups is None and group_size is None:
+        raise TypeError(f"the groups are missing: {GROUPS_HELP}")
+    if groups is not None and group_size is not None:
+        raise TypeError(f"got both groups (a tensor of ids) and group_size={group_size!r}; {GROUPS_HELP}, not both")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"group_size must be an int (the number of samples per group), got "
+                            f"{type(group_size).__name__} {group_size!r}")
+        size = int(group_size)
+        if size < 1:
+            raise ValueError(f"group_size must be >= 1, got {size}")
+        if n % size != 0:
+            raise ValueError(f"group_size={size} does not divide the number of samples N={n}")
+        return size
+    if groups.dim() == 0:
+        raise TypeError(f"groups must be a tensor [N] of group ids, got a 0-d tensor ({GROUPS_HELP})")
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
+        raise TypeError(f"groups must hold integer group ids, got a {groups.dtype} tensor")
+    if groups.shape != torch.Size([n]):
+        raise ValueError(f"groups (group ids) must have shape [N]={[n]}, got {list(groups.shape)}")
+    if groups.device != device:
+        raise ValueError(f"groups must be on {device} like the samples, got {groups.device}")
+    return groups
+
+
+class EmptyBatchWarning(UserWarning):
+    """A loss or a step had no valid token: nothing was trained on (every position masked).
+
+    Issued through ``warnings``, so Python's default filter shows it once per call site, not once
+    per call; silence it with ``warnings.filterwarnings("ignore", category=rlloss.EmptyBatchWarning)``
+    or turn it into an error with ``"error"``.
+    """
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside rlloss: the user's call, whichever wrapper it went through."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_empty(count: Number | torch.Tensor | None, message: str) -> None:
+    """``EmptyBatchWarning(message)`` when ``count`` is 0, looked at only where that is free.
+
+    A Python number, or a tensor on the CPU, is read; a tensor on an accelerator is not (reading it
+    would synchronise the device), nor anything while ``torch.compile`` traces (a graph break).
+    """
+    if count is None or torch.compiler.is_compiling():
+        return
+    if isinstance(count, torch.Tensor):
+        if count.device.type != "cpu":
+            return
+        count = count.item()
+    if count == 0:
+        warnings.warn(message, EmptyBatchWarning, stacklevel=_caller_stacklevel())

@@ -89,8 +89,9 @@ def _group_advantages_torch(
 
 def group_advantages(
     rewards: torch.Tensor,
-    groups: int | torch.Tensor,
+    groups: torch.Tensor | None = None,
     *,
+    group_size: int | None = None,
     baseline: str = "mean",
     scale: str = "group",
     eps: float = 1e-6,
@@ -118,22 +119,32 @@ def group_advantages(
 
     Args:
         rewards: ``[N]`` scalar reward per response, floating (any precision), integer or bool.
-        groups: int ``G`` (``N`` divisible by ``G``; responses of a prompt contiguous, TRL's
-            layout) or an integer tensor ``[N]`` of group ids (any order, any sizes; verl).
+        groups: an integer tensor ``[N]`` of group ids (any order, any sizes; verl's ``index``).
+        group_size: int ``G``: contiguous groups of ``G`` (``N`` divisible by ``G``; the responses
+            of a prompt next to each other, TRL's ``num_generations`` layout). Exactly one of
+            ``groups`` and ``group_size``; an int given as ``groups`` is a ``TypeError`` (it could
+            be read as a number of groups: ``groups=8`` over 8 prompts x 4 responses would
+            silently normalise over groups of 8).
         baseline, scale, eps, singleton: as above.
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:
         ``[N]`` advantages, fp32 (fp64 for fp64 rewards). Differentiable in ``rewards``.
 
+    Example::
+
+        adv = group_advantages(rewards, group_size=4)   # 8 prompts x 4 responses, contiguous
+        adv = group_advantages(rewards, groups=index)   # verl: index[i] = the prompt of sample i
+
     Raises:
-        ValueError: NaN or infinite rewards, groups not dividing ``N``, unknown options, ``eps <= 0``
-            with a std scale (an all-equal group would give 0/0).
+        ValueError: NaN or infinite rewards, ``group_size`` not dividing ``N``, unknown options,
+            ``eps <= 0`` with a std scale (an all-equal group would give 0/0).
+        TypeError: an int as ``groups``, both or neither of ``groups`` and ``group_size``.
     """
     check_tensor("rewards", rewards, ndim=1)
     if rewards.is_complex():
         raise TypeError(f"rewards must be real, got {rewards.dtype}")
-    groups = check_groups(groups, rewards.shape[0], rewards.device)
+    groups = check_groups(groups, group_size, rewards.shape[0], rewards.device)
     check_choice("baseline", baseline, BASELINES)
     check_choice("scale", scale, SCALES)
     check_choice("singleton", singleton, SINGLETONS)
@@ -154,6 +165,8 @@ def group_advantages(
 # More advantage estimators (verl ``core_algos``): whiten, returns, REINFORCE++, ReMax, OPO, GPG,
 # pass@k, GDPO, optimal token baseline.
 #
+# Grouped estimators take ``groups=`` (an id tensor) or ``group_size=`` (an int), exactly one, as
+# ``group_advantages``; ``mask`` has a default only so that ``groups`` can: it is required.
 # Each public function checks its arguments (values too, for the small per-sequence scores),
 # renumbers tensor group ids (``torch.unique``: a dynamic shape, so outside the reference), then
 # calls a ``_..._reference`` made of tensor operations only, which ``torch.compile(fullgraph=True)``
@@ -187,20 +200,21 @@ def _check_row_mask(mask: object, n: int, like_name: str) -> torch.Tensor:
     return m if m.dtype == torch.bool else m != 0
 
 
-def _prepare_groups(groups: object, n: int, device: torch.device, singleton: str | None) -> tuple[torch.Tensor, int]:
-    groups = check_groups(groups, n, device)
+def _prepare_groups(groups: object, group_size: object, n: int, device: torch.device,
+                    singleton: str | None) -> tuple[torch.Tensor, int]:
+    groups = check_groups(groups, group_size, n, device)
     if singleton is not None:
         check_choice("singleton", singleton, SINGLETONS)
     return group_index(groups, n, device)
 
 
-def _grouped_scores(scores: object, groups: object, mask: object,
+def _grouped_scores(scores: object, groups: object, group_size: object, mask: object,
                     singleton: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The checks every per-sequence-score estimator shares: (scores, bool mask, group index, K)."""
     scores = _check_scores("scores", scores)
     mask = _check_row_mask(mask, scores.shape[0], "scores")
     check_same_device(scores=scores, mask=mask)
-    index, k = _prepare_groups(groups, scores.shape[0], scores.device, singleton)
+    index, k = _prepare_groups(groups, group_size, scores.shape[0], scores.device, singleton)
     return scores, mask, index, k
 
 
@@ -337,8 +351,9 @@ def _reinforce_pp_baseline_reference(scores: torch.Tensor, index: torch.Tensor, 
     return _whiten_reference(centered[:, None].expand(mask.shape), mask)
 
 
-def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch.Tensor, *,
-                                     singleton: str = "zero") -> torch.Tensor:
+def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
+                                     mask: torch.Tensor | None = None, *,
+                                     group_size: int | None = None, singleton: str = "zero") -> torch.Tensor:
     r"""REINFORCE++-baseline: ``s_i - mean_g s``, broadcast over the row's tokens, then ``whiten``.
 
     Hu et al. 2025, "REINFORCE++" (arXiv 2501.03262), the group-baseline variant (verl
@@ -352,14 +367,15 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups: int | torch.T
 
     Args:
         scores: ``[N]`` one score per sequence (floating, integer or bool); finite.
-        groups: int group size (contiguous groups) or ``[N]`` integer group ids.
+        groups: ``[N]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G``),
+            exactly one of the two, as in ``group_advantages``.
         mask: ``[N, T]`` bool, or numeric where non-zero means valid.
         singleton: ``"zero" | "keep"``.
 
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), 0 where masked.
     """
-    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, group_size, mask, singleton)
     return _reinforce_pp_baseline_reference(scores, index, k, mask, singleton)
 
 
@@ -408,8 +424,9 @@ def _opo_reference(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torc
     return torch.where(mask, adv[:, None], zero)
 
 
-def opo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch.Tensor, *,
-                   singleton: str = "zero") -> torch.Tensor:
+def opo_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, *,
+                   group_size: int | None = None, singleton: str = "zero") -> torch.Tensor:
     r"""OPO advantages: ``s_i - sum_g n_j s_j / sum_g n_j``, the length-weighted group mean as baseline.
 
     Hao et al. 2025, "On-Policy RL with Optimal Reward Baseline" (arXiv 2505.23585): with exactly
@@ -421,14 +438,15 @@ def opo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch
 
     Args:
         scores: ``[N]`` one score per sequence; finite.
-        groups: int group size or ``[N]`` integer group ids.
+        groups: ``[N]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G``),
+            exactly one of the two, as in ``group_advantages``.
         mask: ``[N, T]`` bool, or numeric where non-zero means valid.
         singleton: ``"zero" | "keep"``.
 
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), the advantage broadcast over valid tokens.
     """
-    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, group_size, mask, singleton)
     return _opo_reference(scores, index, k, mask, singleton)
 
 
@@ -441,8 +459,9 @@ def _gpg_reference(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torc
     return torch.where(mask, adv[:, None], torch.zeros((), dtype=s.dtype, device=s.device))
 
 
-def gpg_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch.Tensor, *,
-                   singleton: str = "zero") -> torch.Tensor:
+def gpg_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, *,
+                   group_size: int | None = None, singleton: str = "zero") -> torch.Tensor:
     r"""GPG advantages: ``alpha * (s_i - mean_g s)``, ``alpha = N / max(#{s != 0}, 1)``.
 
     Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model
@@ -455,14 +474,15 @@ def gpg_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch
 
     Args:
         scores: ``[N]`` one score per sequence; finite.
-        groups: int group size or ``[N]`` integer group ids.
+        groups: ``[N]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G``),
+            exactly one of the two, as in ``group_advantages``.
         mask: ``[N, T]`` bool, or numeric where non-zero means valid.
         singleton: ``"zero" | "keep"``.
 
     Returns:
         ``[N, T]`` fp32 (fp64 for fp64 scores), the advantage broadcast over valid tokens.
     """
-    scores, mask, index, k = _grouped_scores(scores, groups, mask, singleton)
+    scores, mask, index, k = _grouped_scores(scores, groups, group_size, mask, singleton)
     return _gpg_reference(scores, index, k, mask, singleton)
 
 
@@ -484,8 +504,9 @@ def _passk_reference(scores: torch.Tensor, index: torch.Tensor, k: int, mask: to
     return torch.where(mask, adv[:, None], zero)
 
 
-def passk_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch.Tensor, *,
-                     scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def passk_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None, *,
+                     group_size: int | None = None, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
     r"""Pass@k advantages: only each group's best sample gets ``s_max - s_second``.
 
     The leave-one-out advantage of the max@k objective (Tang et al. 2025, "Optimizing Language
@@ -498,7 +519,8 @@ def passk_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: tor
 
     Args:
         scores: ``[N]`` one score per sequence; finite.
-        groups: int group size or ``[N]`` integer group ids; every group needs at least 2 samples.
+        groups: ``[N]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G``),
+            exactly one of the two, as in ``group_advantages``. Every group needs at least 2 samples.
         mask: ``[N, T]`` bool, or numeric where non-zero means valid.
         scale: ``"group" | "none"``.
         eps: added to the group std: ``> 0`` with ``scale="group"`` (as ``group_advantages``),
@@ -517,7 +539,7 @@ def passk_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: tor
     check_choice("scale", scale, PASSK_SCALES)
     # eps keeps an all-equal group (std 0) from dividing 0 by 0; it only matters where std divides
     check_number("eps", eps, low=0, low_inclusive=scale == "none")
-    index, k = _prepare_groups(groups, scores.shape[0], scores.device, None)
+    index, k = _prepare_groups(groups, group_size, scores.shape[0], scores.device, None)
     if scores.shape[0]:
         sizes = torch.bincount(index, minlength=k)
         if bool((sizes < 2).any()):
@@ -544,7 +566,9 @@ def _gdpo_reference(scores: torch.Tensor, index: torch.Tensor, k: int, mask: tor
     return _whiten_reference(adv[:, None].expand(mask.shape), mask)
 
 
-def gdpo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torch.Tensor, *,
+def gdpo_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None, *,
+                    group_size: int | None = None,
                     weights: torch.Tensor | list[float] | tuple[float, ...] | None = None, eps: float = 1e-6,
                     singleton: str = "zero") -> torch.Tensor:
     r"""GDPO advantages: the weighted sum of each reward's own GRPO advantage, then ``whiten``.
@@ -562,7 +586,8 @@ def gdpo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torc
 
     Args:
         scores: ``[K, N]`` ``K`` rewards of each of the ``N`` sequences; finite.
-        groups: int group size or ``[N]`` integer group ids.
+        groups: ``[N]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G``),
+            exactly one of the two, as in ``group_advantages``.
         mask: ``[N, T]`` bool, or numeric where non-zero means valid.
         weights: ``K`` finite weights (sequence or 1-D tensor), or None for all 1.
         eps: ``> 0``, added to each group std (an all-equal group would give 0/0 without it).
@@ -589,7 +614,7 @@ def gdpo_advantages(scores: torch.Tensor, groups: int | torch.Tensor, mask: torc
             check_same_device(scores=scores, weights=weights)
         if weights.shape[0] != scores.shape[0]:
             raise ValueError(f"weights must hold one weight per reward (K={scores.shape[0]}), got {weights.shape[0]}")
-    index, k = _prepare_groups(groups, n, scores.device, singleton)
+    index, k = _prepare_groups(groups, group_size, n, scores.device, singleton)
     return _gdpo_reference(scores, index, k, mask, weights, eps, singleton)
 
 
@@ -645,10 +670,11 @@ def _optimal_token_baseline_reference(
 def optimal_token_baseline_advantages(
     token_rewards: torch.Tensor,
     mask: torch.Tensor,
-    groups: int | torch.Tensor,
-    old_logp: torch.Tensor,
-    sum_pi_squared: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    sum_pi_squared: torch.Tensor | None = None,
     *,
+    group_size: int | None = None,
     is_weights: torch.Tensor | None = None,
     handle_zero_tail: bool = True,
     singleton: str = "zero",
@@ -674,7 +700,8 @@ def optimal_token_baseline_advantages(
     Args:
         token_rewards: ``[B, T]`` floating per-token rewards.
         mask: ``[B, T]`` bool, or numeric where non-zero means valid.
-        groups: int group size or ``[B]`` integer group ids.
+        groups: ``[B]`` integer group ids; or ``group_size=G`` (contiguous groups of ``G`` rows),
+            exactly one of the two, as in ``group_advantages``.
         old_logp: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled.
         sum_pi_squared: ``[B, T]`` ``sum_v pi_v^2`` of each position's distribution.
         is_weights: None or ``[B, T]`` importance weights (``importance_weights``' output).
@@ -696,7 +723,7 @@ def optimal_token_baseline_advantages(
                       is_weights=is_weights)
     if not isinstance(handle_zero_tail, bool):
         raise TypeError(f"handle_zero_tail must be a bool, got {type(handle_zero_tail).__name__} {handle_zero_tail!r}")
-    groups = check_groups(groups, token_rewards.shape[0], token_rewards.device)
+    groups = check_groups(groups, group_size, token_rewards.shape[0], token_rewards.device)
     check_choice("singleton", singleton, SINGLETONS)
     index, k = group_index(groups, token_rewards.shape[0], token_rewards.device)
     group_size = groups if isinstance(groups, int) else None

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._distributed_entropy import top_entropy_mask  # the quantile over all ranks (rlloss.corrections)
-from ._validate import check_same_device, check_tensor
+from ._validate import check_same_device, check_tensor, warn_if_empty
 
 __all__ = ["StepCounts", "step_counts", "top_entropy_mask"]
 
@@ -91,6 +91,10 @@ def step_counts(
         ``StepCounts(num_tokens, num_seqs, dp_size)``: two 0-d int64 tensors on the masks' device
         and an int. Unpack it, or pass ``**counts.kwargs()`` to ``policy_loss``.
 
+    An empty step (``num_tokens == 0``: nothing to train on) issues an ``rlloss.EmptyBatchWarning``
+    when the masks are on the CPU, where the count is read for free; on CUDA the count stays on
+    the device (reading it would synchronise): check ``num_tokens`` where the trainer syncs anyway.
+
     Example::
 
         counts = rlloss.distributed.step_counts([mask[s] for s in micro])  # all_reduce once
@@ -136,4 +140,6 @@ def step_counts(
             raise ValueError("this process is not a member of group; every rank that calls step_counts must be")
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     num_tokens, num_seqs = counts.unbind()
+    warn_if_empty(num_tokens, "step_counts: no valid token in the whole step (every mask all False, on every rank: "
+                              "did a filter drop every response?); its losses are 0 and nothing is trained on")
     return StepCounts(num_tokens, num_seqs, dp_size)

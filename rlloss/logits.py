@@ -19,10 +19,21 @@ def check_logits(logits: object, ids: object) -> None:
         raise TypeError(f"ids must be an integer tensor of token ids, got {ids.dtype}")
     if ids.shape != logits.shape[:2]:
         raise ValueError(f"ids must be [B, T]={list(logits.shape[:2])} to match logits {list(logits.shape)}, "
-                         f"got {list(ids.shape)}")
+                         f"got {list(ids.shape)}{_causal_hint(logits, ids)}")
     if logits.shape[2] == 0:
         raise ValueError(f"logits must have a vocabulary of at least one token, got shape {list(logits.shape)}")
     check_same_device(logits=logits, ids=ids)
+
+
+def _causal_hint(logits: torch.Tensor, ids: torch.Tensor) -> str:
+    """How to align a causal LM's logits with the ids, when the shapes say that is the likely mistake."""
+    extra = logits.shape[1] - ids.shape[1]
+    if ids.shape[0] != logits.shape[0] or extra < 1:
+        return ""
+    return (f". The logits are {extra} position{'s' if extra > 1 else ''} longer than the ids, as a causal LM's are "
+            f"over prompt + completion, and their position t scores token t+1: for the completion ids of a prompt "
+            f"of length P take logits[:, P-1:-1] (here logits[:, {extra - 1}:-1] if ids are the last "
+            f"{ids.shape[1]} tokens of the input), or for the whole input logits[:, :-1] with ids = input_ids[:, 1:]")
 
 
 def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
@@ -30,7 +41,9 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None
     valid = ids if where is None else ids[where]
     if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
         raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
-                         f"[{int(valid.min())}, {int(valid.max())}]")
+                         f"[{int(valid.min())}, {int(valid.max())}]; padding ids (such as -100, the ignore index "
+                         "of Hugging Face labels) are never tokens: mask them out (mask= False there) so they are "
+                         "not read")
 
 
 def _token_logprobs_torch(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
@@ -52,6 +65,7 @@ def token_logprobs(
     ids: torch.Tensor,
     *,
     temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -64,24 +78,49 @@ def token_logprobs(
         entropy[b, t] = -sum_v p_v log p_v,   p = softmax(z[b, t])
 
     The temperature must be the one the sampler used (vLLM/TRL divide logits by it before
-    sampling), or the log-probs belong to another policy than the one that sampled. The Triton
+    sampling), or the log-probs belong to another policy than the one that sampled. The same
+    holds for truncated sampling: these are log-probs of the full softmax, the sampler's only
+    with ``top_k`` and ``top_p`` off (Hugging Face ``generate`` samples with ``top_k=50`` by
+    default: pass ``do_sample=True, top_k=0, top_p=1.0`` and this temperature). The Triton
     backend streams the vocabulary in chunks with an online logsumexp (Milakov & Gimelshein 2018,
     arXiv 1805.02867): it never materialises ``[B, T, V]`` probabilities or a log-softmax; its
     backward writes ``d / d logits`` in one more pass. The reference computes ``log_softmax``.
 
+    With ``mask``, positions where it is False are padding: their id is never read (it may be
+    ``-100`` or anything else) and their ``logp`` and entropy are 0, with zero gradient into the
+    logits (the logits of those positions are still read, so they must be finite there, as a
+    model's output is).
+
+    A causal LM's logits at position ``t`` score the token at ``t + 1``: for completion ids of a
+    prompt of length ``P`` pass ``logits[:, P-1:-1]``; for the whole input, ``logits[:, :-1]`` with
+    ``input_ids[:, 1:]``. Logits longer than the ids get an error that says so; logits of the
+    same length but not shifted cannot be told apart from aligned ones.
+
     Args:
-        logits: ``[B, T, V]`` (fp16, bf16, fp32 or fp64), where position ``t`` scores token ``ids[:, t]``
-            (shift a causal LM's logits by one before calling); receives the gradient.
-        ids: ``[B, T]`` integer token ids in ``[0, V)``.
-        temperature: ``> 0``.
+        logits: ``[B, T, V]`` (fp16, bf16, fp32 or fp64), where position ``t`` scores token
+            ``ids[:, t]`` (a causal LM's, sliced as above); receives the gradient.
+        ids: ``[B, T]`` integer token ids, in ``[0, V)`` wherever ``mask`` is True.
+        temperature: ``> 0``, the sampler's.
+        mask: None (every position is a token) or ``[B, T]`` bool, or numeric where non-zero means
+            valid.
         return_entropy: also return the entropy of each position's distribution.
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:
-        ``logp`` ``[B, T]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``.
+        ``logp`` ``[B, T]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``; 0 where ``mask``
+        is False.
+
+    Raises:
+        ValueError: ids out of ``[0, V)`` at a valid position (the message says to mask padding),
+            shapes that do not match (with the causal-LM slice when the logits are longer).
     """
     check_logits(logits, ids)
     check_number("temperature", temperature, low=0, low_inclusive=False)
+    mask_b = None
+    if mask is not None:
+        mask_b = check_mask("mask", mask, "ids", ids)
+        check_same_device(logits=logits, mask=mask_b)
+        ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never read as tokens
     check_ids_in_range(ids, logits.shape[2])
     if resolve_backend(backend, logits, ids) == "triton":
         from .kernels.logits import token_logprobs_triton
@@ -89,6 +128,10 @@ def token_logprobs(
         logp, entropy = token_logprobs_triton(logits, ids, temperature, return_entropy)
     else:
         logp, entropy = _token_logprobs_torch(logits, ids, temperature, return_entropy)
+    if mask_b is not None:  # selected, not multiplied: no gradient reaches the padding's logits
+        logp = torch.where(mask_b, logp, torch.zeros_like(logp))
+        if entropy is not None:
+            entropy = torch.where(mask_b, entropy, torch.zeros_like(entropy))
     return (logp, entropy) if return_entropy else logp
 
 

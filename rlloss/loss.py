@@ -7,11 +7,16 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape
+from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape, warn_if_empty
 from .aggregation import aggregate, check_aggregation, safe_div
 from .kl import KL_KINDS, kl_terms
 from .objectives import GMPO, PPO, Objective, resolve_objective
 from .surrogates import check_surrogate_args, prepare_inputs
+
+EMPTY_CALL = ("policy_loss: no valid token in this call (mask is all False: did a filter such as DAPO's overlong "
+              "filter or dynamic sampling drop every response?); the loss is 0 and nothing is trained on")
+EMPTY_STEP = ("policy_loss: num_tokens=0, no valid token in the whole step (mask all False everywhere: did a filter "
+              "drop every response?); the loss is 0 and nothing is trained on")
 
 PPO_DEFAULTS = {"eps_low": 0.2, "eps_high": None, "dual_clip": None, "delta": None, "level": "token"}
 
@@ -109,6 +114,7 @@ def _policy_loss_torch(
     metrics["ratio_mean"] = masked_metric(ratio, mask)
     if kl_value is not None:
         metrics["kl_mean"] = masked_metric(kl_value, mask)
+    metrics["num_tokens"] = mask.sum(dtype=torch.float32)
     return PolicyLoss(total, metrics)
 
 
@@ -202,7 +208,17 @@ def policy_loss(
     ``ratio_mean``; ``kl_mean`` when ``ref_logp`` is given; PPO: ``clip_low`` (``r < 1-eps_low``
     and ``A < 0``), ``clip_high`` (``r > 1+eps_high`` and ``A > 0``), ``clip_dual``; CISPO: the
     fractions whose weight hit ``low``/``high``; DPPO: ``outside_region``; KL-Cov/Clip-Cov:
-    ``cov_selected``.
+    ``cov_selected``. And ``num_tokens``: the valid tokens of this call, ``mask.sum()`` (not the
+    ``num_tokens`` argument), as fp32 (exact up to 2^24 tokens).
+
+    Empty batches: when nothing is trained on, the loss is 0 with zero gradient and every metric
+    0, which looks like a quiet step; so an ``rlloss.EmptyBatchWarning`` is issued (through
+    ``warnings``: shown once per call site by Python's default filter) when the count is 0: the
+    ``num_tokens`` argument when given (the step's count), else this call's valid tokens. It is
+    checked only where the count is already on the host: a Python number, or the reference on CPU
+    tensors. On CUDA the count is never read back (a device sync), and not under
+    ``torch.compile``: watch ``metrics["num_tokens"]``, or the step's total from
+    ``rlloss.distributed.step_counts``.
 
     Recipes (``rlloss.recipes``): GRPO ``eps 0.2/0.2, seq_mean_token_mean, beta 0.04``; DAPO
     ``0.2/0.28, token_mean, beta 0``; Dr. GRPO ``0.2/0.2, constant, beta 0``; GSPO
@@ -261,7 +277,16 @@ def policy_loss(
 
         reason = fused_support(obj, kl_bias_correction)
         if reason is None:
+            # the fused path never reads its count back (CUDA; under the interpreter too, so that its
+            # counted syncs are CUDA's): only a count given as a number can warn here
+            if not isinstance(num_tokens, torch.Tensor):
+                warn_if_empty(num_tokens, EMPTY_STEP)
             return PolicyLoss(*policy_loss_triton(*args))
         if backend == "triton":
             raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
-    return _policy_loss_torch(*args)
+    out = _policy_loss_torch(*args)
+    if num_tokens is None:
+        warn_if_empty(out.metrics["num_tokens"], EMPTY_CALL)
+    else:
+        warn_if_empty(num_tokens, EMPTY_STEP)
+    return out

@@ -1,6 +1,6 @@
 """Published recipes as presets: one object holds a paper's advantage and loss settings.
 
->>> adv = rlloss.recipes.DAPO.advantages(rewards, groups=8)
+>>> adv = rlloss.recipes.DAPO.advantages(rewards, group_size=8)  # or groups=<tensor of group ids>
 >>> loss, metrics = rlloss.recipes.DAPO.loss(logp, old_logp, adv, mask)
 
 Keyword arguments given to ``loss``/``advantages`` override the preset (e.g. ``max_tokens`` for
@@ -48,9 +48,14 @@ class Recipe:
         return {"eps_low": self.eps_low, "eps_high": self.eps_high, "aggregation": self.aggregation,
                 "beta": self.beta, "level": self.level}
 
-    def advantages(self, rewards: torch.Tensor, groups: int | torch.Tensor, **overrides: Any) -> torch.Tensor:
-        """``group_advantages`` with this recipe's baseline and scale."""
-        return group_advantages(rewards, groups, **{**self.advantage_kwargs(), **overrides})
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor | None = None, *, group_size: int | None = None,
+                   **overrides: Any) -> torch.Tensor:
+        """``group_advantages`` with this recipe's baseline and scale.
+
+        ``groups`` (an integer id tensor ``[N]``) or ``group_size`` (an int, contiguous groups),
+        exactly one, as in ``group_advantages``.
+        """
+        return group_advantages(rewards, groups, group_size=group_size, **{**self.advantage_kwargs(), **overrides})
 
     def loss(self, logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, mask: torch.Tensor,
              **overrides: Any) -> PolicyLoss:

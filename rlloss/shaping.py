@@ -18,7 +18,8 @@ def _dynamic_sampling_mask_torch(rewards: torch.Tensor, groups: int | torch.Tens
     return (hi > lo)[index]
 
 
-def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def dynamic_sampling_mask(rewards: torch.Tensor, groups: torch.Tensor | None = None, *, group_size: int | None = None,
+                          backend: str = "auto") -> torch.Tensor:
     r"""Which samples DAPO's dynamic sampling keeps: those whose group's rewards are not all equal.
 
     ``keep_i = max_{j in g(i)} r_j > min_{j in g(i)} r_j``. With 0/1 correctness rewards this is
@@ -28,7 +29,10 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, 
 
     Args:
         rewards: ``[N]`` rewards (floating, integer or bool).
-        groups: int group size dividing ``N`` (contiguous groups) or an integer id tensor ``[N]``.
+        groups: an integer tensor ``[N]`` of group ids.
+        group_size: int ``G``: contiguous groups of ``G`` (``N`` divisible by ``G``). Exactly one of
+            ``groups`` and ``group_size``, as in ``group_advantages`` (an int as ``groups`` is a
+            ``TypeError``).
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:
@@ -37,7 +41,7 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, 
     check_tensor("rewards", rewards, ndim=1)
     if rewards.is_complex():
         raise TypeError(f"rewards must be real, got {rewards.dtype}")
-    groups = check_groups(groups, rewards.shape[0], rewards.device)
+    groups = check_groups(groups, group_size, rewards.shape[0], rewards.device)
     if rewards.dtype.is_floating_point and bool(torch.isnan(rewards).any()):
         raise ValueError("rewards must not contain NaN")
     if resolve_backend(backend, rewards) == "triton":

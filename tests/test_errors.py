@@ -57,19 +57,19 @@ def test_policy_loss_rejects(change, error, words):
 @pytest.mark.parametrize(
     "call, error, words",
     [
-        (lambda: rlloss.group_advantages(torch.zeros(5), 2), ValueError, "groups"),
-        (lambda: rlloss.group_advantages(torch.zeros(4), 0), ValueError, "groups"),
+        (lambda: rlloss.group_advantages(torch.zeros(5), group_size=2), ValueError, "group_size=2 does not divide"),
+        (lambda: rlloss.group_advantages(torch.zeros(4), group_size=0), ValueError, "group_size must be >= 1"),
         (lambda: rlloss.group_advantages(torch.zeros(4), torch.zeros(3, dtype=torch.long)), ValueError, "groups"),
         (lambda: rlloss.group_advantages(torch.zeros(4), torch.zeros(4)), TypeError, "groups"),
-        (lambda: rlloss.group_advantages(torch.tensor([1.0, float("nan")]), 2), ValueError, "rewards"),
-        (lambda: rlloss.group_advantages(torch.zeros(2, 2), 2), ValueError, "rewards"),
-        (lambda: rlloss.group_advantages(torch.zeros(4), 2, baseline="median"), ValueError, "baseline"),
-        (lambda: rlloss.group_advantages(torch.zeros(4), 2, scale="global"), ValueError, "scale"),
-        (lambda: rlloss.group_advantages(torch.zeros(4), 2, eps=-1e-6), ValueError, "eps"),
-        (lambda: rlloss.group_advantages(torch.ones(4), 2, eps=0.0), ValueError, "eps"),
-        (lambda: rlloss.group_advantages(torch.zeros(4), 2, singleton="drop"), ValueError, "singleton"),
-        (lambda: rlloss.dynamic_sampling_mask(torch.zeros(5), 2), ValueError, "groups"),
-        (lambda: rlloss.dynamic_sampling_mask(torch.tensor([float("nan"), 1.0]), 2), ValueError, "rewards"),
+        (lambda: rlloss.group_advantages(torch.tensor([1.0, float("nan")]), group_size=2), ValueError, "rewards"),
+        (lambda: rlloss.group_advantages(torch.zeros(2, 2), group_size=2), ValueError, "rewards"),
+        (lambda: rlloss.group_advantages(torch.zeros(4), group_size=2, baseline="median"), ValueError, "baseline"),
+        (lambda: rlloss.group_advantages(torch.zeros(4), group_size=2, scale="global"), ValueError, "scale"),
+        (lambda: rlloss.group_advantages(torch.zeros(4), group_size=2, eps=-1e-6), ValueError, "eps"),
+        (lambda: rlloss.group_advantages(torch.ones(4), group_size=2, eps=0.0), ValueError, "eps"),
+        (lambda: rlloss.group_advantages(torch.zeros(4), group_size=2, singleton="drop"), ValueError, "singleton"),
+        (lambda: rlloss.dynamic_sampling_mask(torch.zeros(5), group_size=2), ValueError, "group_size=2 does not divide"),
+        (lambda: rlloss.dynamic_sampling_mask(torch.tensor([float("nan"), 1.0]), group_size=2), ValueError, "rewards"),
         (lambda: rlloss.soft_overlong_penalty(torch.tensor([1]), max_len=10, cache_len=20), ValueError, "cache_len"),
         (lambda: rlloss.soft_overlong_penalty(torch.tensor([1]), max_len=10, cache_len=0), ValueError, "cache_len"),
         (lambda: rlloss.soft_overlong_penalty(torch.tensor([-1]), max_len=10, cache_len=5), ValueError, "lengths"),
@@ -112,8 +112,8 @@ def test_zero_global_counts_give_zero_not_nan(backend):
 
 def test_empty_batches_of_the_helpers_are_valid():
     empty = torch.zeros(0, device=DEVICE)
-    assert rlloss.group_advantages(empty, 1).shape == (0,)
-    assert rlloss.dynamic_sampling_mask(empty, 1).shape == (0,)
+    assert rlloss.group_advantages(empty, group_size=1).shape == (0,)
+    assert rlloss.dynamic_sampling_mask(empty, group_size=1).shape == (0,)
     assert rlloss.soft_overlong_penalty(empty.long(), max_len=4, cache_len=2).shape == (0,)
     out = rlloss.policy_loss(torch.zeros(0, 3, device=DEVICE), None, empty, torch.zeros(0, 3, dtype=torch.bool, device=DEVICE))
     assert out.loss.item() == 0.0

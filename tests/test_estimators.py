@@ -105,7 +105,7 @@ def test_reinforce_pp_baseline_by_hand():
     # valid tokens 0.5, 0.5, -0.5, -1: mean -0.125, deviations .625 .625 -.375 -.875, variance 1.6875/3 = .5625.
     m = b([[True, True], [True, False], [True, False], [False, False]])
     s = math.sqrt(0.5625 + 1e-8)
-    got = rlloss.reinforce_pp_baseline_advantages(t([1.0, 0.0, 3.0, 5.0], F64), 2, m)
+    got = rlloss.reinforce_pp_baseline_advantages(t([1.0, 0.0, 3.0, 5.0], F64), mask=m, group_size=2)
     close(got, t([[0.625 / s, 0.625 / s], [-0.375 / s, 0.0], [-0.875 / s, 0.0], [0.0, 0.0]], F64))
 
 
@@ -123,10 +123,10 @@ def test_reinforce_pp_baseline_singletons():
 def test_opo_by_hand():
     # group 0: lengths 3, 1 -> baseline (3*1 + 1*0)/4 = 0.75; group 1: lengths 2, 0 -> (2*2 + 0)/2 = 2.
     m = b([[True, True, True], [True, False, False], [True, True, False], [False, False, False]])
-    got = rlloss.opo_advantages(t([1.0, 0.0, 2.0, 2.0]), 2, m)
+    got = rlloss.opo_advantages(t([1.0, 0.0, 2.0, 2.0]), mask=m, group_size=2)
     close(got, t([[0.25] * 3, [-0.75, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     # a group whose rows are all empty: baseline 0, no NaN
-    assert not rlloss.opo_advantages(t([1.0, 2.0]), 2, b([[False], [False]])).any()
+    assert not rlloss.opo_advantages(t([1.0, 2.0]), mask=b([[False], [False]]), group_size=2).any()
 
 
 def test_opo_singletons():
@@ -140,14 +140,14 @@ def test_opo_singletons():
 def test_gpg_by_hand():
     # 3 non-zero scores of 6: alpha = 2. Group 0 [1, 0] -> 2 * [0.5, -0.5]; groups [0, 0] and [2, 2] -> 0.
     m = torch.ones(6, 2, dtype=torch.bool, device=DEVICE)
-    got = rlloss.gpg_advantages(t([1.0, 0.0, 0.0, 0.0, 2.0, 2.0]), 2, m)
+    got = rlloss.gpg_advantages(t([1.0, 0.0, 0.0, 0.0, 2.0, 2.0]), mask=m, group_size=2)
     close(got, t([[1.0] * 2, [-1.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2]))
     # singletons: 2 non-zero of 3, alpha = 1.5; keep gives alpha * s = 4.5
     m3, g = torch.ones(3, 1, dtype=torch.bool, device=DEVICE), ids([0, 0, 1])
     close(rlloss.gpg_advantages(t([1.0, 0.0, 3.0]), g, m3), t([[0.75], [-0.75], [0.0]]))
     close(rlloss.gpg_advantages(t([1.0, 0.0, 3.0]), g, m3, singleton="keep"), t([[0.75], [-0.75], [4.5]]))
     # all scores zero: alpha = N / max(0, 1), advantages 0
-    assert not rlloss.gpg_advantages(t([0.0, 0.0]), 2, m3[:2]).any()
+    assert not rlloss.gpg_advantages(t([0.0, 0.0]), mask=m3[:2], group_size=2).any()
 
 
 def test_passk_by_hand():
@@ -164,8 +164,8 @@ def test_passk_by_hand():
     want = 1.0 / (math.sqrt(5 / 3) + 1e-6)
     close(got, t([w * want for w in want_none], F64)[:, None].expand(9, 2) * m)
     # ties with the smallest eps: 0, never 0/0; eps is unused (may be 0) without the std
-    assert not rlloss.passk_advantages(t([2.0, 2.0]), 2, m[:2], eps=1e-30).any()
-    assert not rlloss.passk_advantages(t([2.0, 2.0]), 2, m[:2], scale="none", eps=0.0).any()
+    assert not rlloss.passk_advantages(t([2.0, 2.0]), mask=m[:2], group_size=2, eps=1e-30).any()
+    assert not rlloss.passk_advantages(t([2.0, 2.0]), mask=m[:2], group_size=2, scale="none", eps=0.0).any()
 
 
 def test_gdpo_by_hand():
@@ -178,9 +178,9 @@ def test_gdpo_by_hand():
     s = math.sqrt(2 * v * v / 3 + 1e-8)  # whiten: mean 0, unbiased variance (v^2 + v^2)/3
     m = torch.ones(4, 1, dtype=torch.bool, device=DEVICE)
     scores = t([[1.0, 0.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0]], F64)
-    got = rlloss.gdpo_advantages(scores, 2, m, weights=[1.0, 0.5])
+    got = rlloss.gdpo_advantages(scores, mask=m, group_size=2, weights=[1.0, 0.5])
     close(got, t([[v / s], [-v / s], [0.0], [0.0]], F64))
-    close(rlloss.gdpo_advantages(scores, 2, m, weights=t([1.0, 0.5], F64)), got)
+    close(rlloss.gdpo_advantages(scores, mask=m, group_size=2, weights=t([1.0, 0.5], F64)), got)
 
 
 def test_gdpo_singletons():
@@ -209,13 +209,14 @@ def test_optimal_token_baseline_by_hand():
     r, m, old, sq = _otb_inputs()
     b0, b1, b2 = 1.5 / (1 + 1e-8), 3 / (2 + 1e-8), 1.5 / (1.5 + 1e-8)
     # handle_zero_tail: row 0 is the only longest (3 > 2), its baseline is 0 from position 2 on.
-    got = rlloss.optimal_token_baseline_advantages(r, m, 2, old, sq)
+    got = rlloss.optimal_token_baseline_advantages(r, m, old_logp=old, sum_pi_squared=sq, group_size=2)
     close(got, t([[1 - b0, 1 - b1, 1.0], [2 - b0, 2 - b1, 0.0]], F64))
-    got = rlloss.optimal_token_baseline_advantages(r, m, 2, old, sq, handle_zero_tail=False)
+    got = rlloss.optimal_token_baseline_advantages(r, m, old_logp=old, sum_pi_squared=sq, group_size=2,
+                                                   handle_zero_tail=False)
     close(got, t([[1 - b0, 1 - b1, 1 - b2], [2 - b0, 2 - b1, 0.0]], F64))
     # is_weights 2: w = 0.5 * 4 = 2, W0 = [2, 4, 6], W1 = [2, 4]
-    got = rlloss.optimal_token_baseline_advantages(r, m, 2, old, sq, is_weights=torch.full_like(r, 2.0),
-                                                   handle_zero_tail=False)
+    got = rlloss.optimal_token_baseline_advantages(r, m, old_logp=old, sum_pi_squared=sq, group_size=2,
+                                                   is_weights=torch.full_like(r, 2.0), handle_zero_tail=False)
     b0, b1, b2 = 6 / (4 + 1e-8), 12 / (8 + 1e-8), 6 / (6 + 1e-8)
     close(got, t([[1 - b0, 1 - b1, 1 - b2], [2 - b0, 2 - b1, 0.0]], F64))
 
@@ -226,7 +227,7 @@ def test_optimal_token_baseline_ties_and_singletons():
     r2 = torch.nan_to_num(r)
     old2, sq2 = torch.nan_to_num(old, nan=math.log(0.5)), torch.nan_to_num(sq, nan=0.5)
     # two rows tied for the longest: no zero tail. G0 = [1, 1, 1], G1 = [2, 2, 0]; W as before for both.
-    got = rlloss.optimal_token_baseline_advantages(r2, full, 2, old2, sq2)
+    got = rlloss.optimal_token_baseline_advantages(r2, full, old_logp=old2, sum_pi_squared=sq2, group_size=2)
     b0, b1, b2 = 1.5 / (1 + 1e-8), 3 / (2 + 1e-8), 1.5 / (3 + 1e-8)
     close(got, t([[1 - b0, 1 - b1, 1 - b2], [2 - b0, 2 - b1, -b2]], F64))
     # a third row alone in its group: 0, or its return G = [2, 1, 0] with "keep"
@@ -413,37 +414,42 @@ def test_gdpo_with_one_reward_is_whitened_grpo():
 # =============================================================================================
 
 M2 = torch.ones(4, 3, dtype=torch.bool)
+G2 = {"mask": M2, "group_size": 2}  # contiguous pairs of the four rows of M2
+Z4 = {"old_logp": t([[0.0]] * 4), "sum_pi_squared": t([[0.0]] * 4), "group_size": 2}
 
 
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: rlloss.opo_advantages(t([1.0, NAN, 0.0, 1.0]), 2, M2), ValueError, "scores must be finite"),
-        (lambda: rlloss.gpg_advantages(t([1.0, math.inf, 0.0, 1.0]), 2, M2), ValueError, "scores must be finite"),
-        (lambda: rlloss.gdpo_advantages(t([[1.0, NAN, 0.0, 1.0]]), 2, M2), ValueError, "scores must be finite"),
+        (lambda: rlloss.opo_advantages(t([1.0, NAN, 0.0, 1.0]), **G2), ValueError, "scores must be finite"),
+        (lambda: rlloss.gpg_advantages(t([1.0, math.inf, 0.0, 1.0]), **G2), ValueError, "scores must be finite"),
+        (lambda: rlloss.gdpo_advantages(t([[1.0, NAN, 0.0, 1.0]]), **G2), ValueError, "scores must be finite"),
         (lambda: rlloss.remax_advantages(t([[1.0]] * 4), M2[:, :1], t([0.0, NAN, 0.0, 0.0])), ValueError,
          "baseline_scores must be finite"),
-        (lambda: rlloss.opo_advantages(t([1.0, 0.0, 0.0, 1.0]), 3, M2), ValueError, "groups=3 does not divide"),
+        (lambda: rlloss.opo_advantages(t([1.0, 0.0, 0.0, 1.0]), mask=M2, group_size=3), ValueError,
+         "group_size=3 does not divide"),
         (lambda: rlloss.gpg_advantages(t([1.0, 0.0, 0.0, 1.0]), ids([0, 0, 1]), M2), ValueError,
          r"groups \(group ids\) must have shape"),
-        (lambda: rlloss.reinforce_pp_baseline_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2[:3]), ValueError,
+        (lambda: rlloss.reinforce_pp_baseline_advantages(t([1.0, 0.0, 0.0, 1.0]), mask=M2[:3], group_size=2),
+         ValueError,
          "mask must have one row per sequence"),
-        (lambda: rlloss.opo_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2, singleton="one"), ValueError,
+        (lambda: rlloss.opo_advantages(t([1.0, 0.0, 0.0, 1.0]), **G2, singleton="one"), ValueError,
          "singleton must be one of"),
-        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2, scale="batch"), ValueError,
+        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), **G2, scale="batch"), ValueError,
          "scale must be one of"),
-        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), 1, M2), ValueError, "at least 2 samples"),
+        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), mask=M2, group_size=1), ValueError,
+         "at least 2 samples"),
         (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), ids([0, 0, 0, 1]), M2), ValueError,
          "at least 2 samples"),
-        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2, eps=0.0), ValueError, "eps must be > 0"),
-        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2, scale="none", eps=-1.0), ValueError,
+        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), **G2, eps=0.0), ValueError, "eps must be > 0"),
+        (lambda: rlloss.passk_advantages(t([1.0, 0.0, 0.0, 1.0]), **G2, scale="none", eps=-1.0), ValueError,
          "eps must be >= 0"),
-        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), 2, M2, eps=0.0), ValueError, "eps must be > 0"),
-        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), 2, M2, weights=[1.0, 2.0]), ValueError,
+        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), **G2, eps=0.0), ValueError, "eps must be > 0"),
+        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), **G2, weights=[1.0, 2.0]), ValueError,
          r"weights must hold one weight per reward \(K=1\)"),
-        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), 2, M2, weights=[NAN]), ValueError,
+        (lambda: rlloss.gdpo_advantages(t([[1.0, 0.0, 0.0, 1.0]]), **G2, weights=[NAN]), ValueError,
          "weights must be finite"),
-        (lambda: rlloss.gdpo_advantages(t([1.0, 0.0, 0.0, 1.0]), 2, M2), ValueError, "scores must be 2-D"),
+        (lambda: rlloss.gdpo_advantages(t([1.0, 0.0, 0.0, 1.0]), **G2), ValueError, "scores must be 2-D"),
         (lambda: rlloss.discounted_returns(t([[1.0, 2.0]]), b([[True, True]]), gamma=1.5), ValueError,
          "gamma must be <= 1"),
         (lambda: rlloss.reinforce_pp_advantages(t([[1.0, 2.0]]), b([[True, True]]), gamma=-0.1), ValueError,
@@ -453,14 +459,14 @@ M2 = torch.ones(4, 3, dtype=torch.bool)
         (lambda: rlloss.whiten(torch.tensor([1, 2]), b([True, True])), TypeError, "x must be a floating tensor"),
         (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], ids([0, 0, 1]), t([[0.0]] * 4),
                                                           t([[0.0]] * 4)), ValueError, "groups"),
-        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], 2, t([[0.0]] * 3),
-                                                          t([[0.0]] * 4)), ValueError,
+        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1],
+                                                          **{**Z4, "old_logp": t([[0.0]] * 3)}), ValueError,
          "old_logp must have the shape of token_rewards"),
-        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], 2, t([[0.0]] * 4),
-                                                          t([[0.0]] * 4), handle_zero_tail=1), TypeError,
+        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], **Z4, handle_zero_tail=1),
+         TypeError,
          "handle_zero_tail must be a bool"),
-        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], 2, t([[0.0]] * 4),
-                                                          t([[0.0]] * 4), singleton="drop"), ValueError,
+        (lambda: rlloss.optimal_token_baseline_advantages(t([[1.0]] * 4), M2[:, :1], **Z4, singleton="drop"),
+         ValueError,
          "singleton must be one of"),
     ],
 )
@@ -471,8 +477,9 @@ def test_bad_input_names_the_argument(call, exc, match):
 
 def test_integer_and_bool_scores_are_accepted():
     m = torch.ones(4, 1, dtype=torch.bool, device=DEVICE)
-    close(rlloss.opo_advantages(torch.tensor([1, 0, 1, 1], device=DEVICE), 2, m), t([[0.5], [-0.5], [0.0], [0.0]]))
-    close(rlloss.gpg_advantages(torch.tensor([True, False, True, True], device=DEVICE), 2, m),
+    close(rlloss.opo_advantages(torch.tensor([1, 0, 1, 1], device=DEVICE), mask=m, group_size=2),
+          t([[0.5], [-0.5], [0.0], [0.0]]))
+    close(rlloss.gpg_advantages(torch.tensor([True, False, True, True], device=DEVICE), mask=m, group_size=2),
           t([[2 / 3], [-2 / 3], [0.0], [0.0]]))
 
 
@@ -530,7 +537,8 @@ def test_public_estimators_without_value_checks_compile_whole(name):
         "whiten": (rlloss.whiten, (r, mask), {}),
         "discounted_returns": (rlloss.discounted_returns, (r, mask), {"gamma": 0.9}),
         "reinforce_pp": (rlloss.reinforce_pp_advantages, (r, mask), {"gamma": 0.99}),
-        "optimal_token_baseline": (rlloss.optimal_token_baseline_advantages, (r, mask, 2, old, sq), {}),
+        "optimal_token_baseline": (rlloss.optimal_token_baseline_advantages, (r, mask),
+                                   {"old_logp": old, "sum_pi_squared": sq, "group_size": 2}),
     }[name]
     torch._dynamo.reset()
     close(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args, **kw), fn(*args, **kw), rtol=1e-6, atol=1e-6)

@@ -55,6 +55,11 @@ class RewardProblem:
         return self.leaf.dtype
 
     @property
+    def grouping(self) -> dict[str, int | torch.Tensor]:
+        """The keyword the public functions take: ``group_size=G`` (contiguous) or ``groups=ids``."""
+        return {"group_size": self.groups} if isinstance(self.groups, int) else {"groups": self.groups}
+
+    @property
     def k(self) -> int:
         return int(self.equal.numel())
 
@@ -112,7 +117,7 @@ def reward_problems(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = FLOAT_DTY
 
 def advantages_and_grad(problem: RewardProblem, backend: str, cot: torch.Tensor, **kw):
     leaf = problem.leaf.detach().clone().requires_grad_(True)
-    adv = rlloss.group_advantages(problem.rewards(leaf), problem.groups, backend=backend, **kw)
+    adv = rlloss.group_advantages(problem.rewards(leaf), **problem.grouping, backend=backend, **kw)
     (grad,) = torch.autograd.grad(adv, leaf, cot)
     return adv.detach(), grad[:: problem.stride]
 
@@ -201,7 +206,7 @@ def test_long_and_many_groups(scale):
 
 def test_all_equal_group_gives_exact_zeros_and_zero_gradient_for_a_uniform_upstream():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], device=DEVICE, requires_grad=True)
-    adv = rlloss.group_advantages(rewards, 3, backend="triton")
+    adv = rlloss.group_advantages(rewards, group_size=3, backend="triton")
     assert torch.equal(adv[:3], torch.zeros(3, device=DEVICE))
     adv[:3].sum().backward()
     assert torch.equal(rewards.grad, torch.zeros(6, device=DEVICE))
@@ -210,18 +215,18 @@ def test_all_equal_group_gives_exact_zeros_and_zero_gradient_for_a_uniform_upstr
 @pytest.mark.parametrize("groups", [1, "ids"])
 def test_empty_input(groups):
     rewards = torch.zeros(0, device=DEVICE, requires_grad=True)
-    g = torch.zeros(0, dtype=torch.long, device=DEVICE) if groups == "ids" else groups
-    adv = rlloss.group_advantages(rewards, g, backend="triton")
+    g = {"groups": torch.zeros(0, dtype=torch.long, device=DEVICE)} if groups == "ids" else {"group_size": groups}
+    adv = rlloss.group_advantages(rewards, **g, backend="triton")
     assert adv.shape == (0,) and adv.dtype == torch.float32
     adv.sum().backward()
     assert rewards.grad.shape == (0,)
-    assert rlloss.dynamic_sampling_mask(rewards.detach(), g, backend="triton").shape == (0,)
+    assert rlloss.dynamic_sampling_mask(rewards.detach(), **g, backend="triton").shape == (0,)
     assert rlloss.soft_overlong_penalty(rewards.detach().long(), max_len=4, cache_len=2, backend="triton").shape == (0,)
 
 
 def test_fp64_rewards_stay_fp64():
     rewards = torch.tensor([0.3, 1.2, -0.5, 2.0], dtype=torch.float64, device=DEVICE)
-    assert rlloss.group_advantages(rewards, 2, backend="triton").dtype == torch.float64
+    assert rlloss.group_advantages(rewards, group_size=2, backend="triton").dtype == torch.float64
 
 
 def test_triton_backend_is_deterministic():
@@ -240,8 +245,8 @@ def test_triton_backend_is_deterministic():
             second = advantages_and_grad(problem, "triton", cot, **kw)
             assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]), problem.description
         r = problem.rewards().detach()
-        mask = rlloss.dynamic_sampling_mask(r, problem.groups, backend="triton")
-        assert torch.equal(mask, rlloss.dynamic_sampling_mask(r, problem.groups, backend="triton"))
+        mask = rlloss.dynamic_sampling_mask(r, **problem.grouping, backend="triton")
+        assert torch.equal(mask, rlloss.dynamic_sampling_mask(r, **problem.grouping, backend="triton"))
 
 
 # --- dynamic sampling ----------------------------------------------------------------------------
@@ -254,8 +259,8 @@ def test_dynamic_sampling_mask_triton_matches_torch(problem, as_dtype):
         r = r if as_dtype is torch.bool else r.to(torch.uint8)
     elif as_dtype is not None:
         r = (r * 4).to(as_dtype)  # the dyadic values stay distinct as integers
-    got = rlloss.dynamic_sampling_mask(r, problem.groups, backend="triton")
-    expected = rlloss.dynamic_sampling_mask(r, problem.groups, backend="torch")
+    got = rlloss.dynamic_sampling_mask(r, **problem.grouping, backend="triton")
+    expected = rlloss.dynamic_sampling_mask(r, **problem.grouping, backend="torch")
     assert got.dtype == torch.bool and got.shape == expected.shape, problem.description
     assert torch.equal(got, expected), problem.description
     equal_groups = problem.equal[problem.group_of]
@@ -266,9 +271,10 @@ def test_dynamic_sampling_mask_compares_in_the_reference_dtype():
     """int64 rewards that fp32 cannot tell apart are equal in both backends; inf is a value."""
     big = torch.tensor([2**24, 2**24 + 1, 5, 6], dtype=torch.int64, device=DEVICE)
     inf = torch.tensor([float("inf"), float("inf"), float("-inf"), 1.0, float("inf"), 0.0], device=DEVICE)
-    for r, g in ((big, 2), (inf, 2), (inf, torch.tensor([3, 3, -1, -1, 8, 8], device=DEVICE))):
-        assert torch.equal(rlloss.dynamic_sampling_mask(r, g, backend="triton"),
-                           rlloss.dynamic_sampling_mask(r, g, backend="torch"))
+    ids = torch.tensor([3, 3, -1, -1, 8, 8], device=DEVICE)
+    for r, g in ((big, {"group_size": 2}), (inf, {"group_size": 2}), (inf, {"groups": ids})):
+        assert torch.equal(rlloss.dynamic_sampling_mask(r, **g, backend="triton"),
+                           rlloss.dynamic_sampling_mask(r, **g, backend="torch"))
 
 
 # --- soft overlong penalty -----------------------------------------------------------------------

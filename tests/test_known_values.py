@@ -38,28 +38,28 @@ def test_grpo_and_dr_grpo_advantages_on_one_group():
     rewards = t([1.0, 0.0, 0.0, 1.0])
     # mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3)
     std = math.sqrt(1 / 3)
-    grpo = rlloss.group_advantages(rewards, 4, eps=1e-12)
+    grpo = rlloss.group_advantages(rewards, group_size=4, eps=1e-12)
     torch.testing.assert_close(grpo, t([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std]))
-    dr = rlloss.group_advantages(rewards, 4, scale="none")
+    dr = rlloss.group_advantages(rewards, group_size=4, scale="none")
     torch.testing.assert_close(dr, t([0.5, -0.5, -0.5, 0.5]))
 
 
 def test_eps_enters_the_denominator_as_trl_and_verl_do():
     rewards = t([2.0, 0.0])  # std = sqrt(2)
-    got = rlloss.group_advantages(rewards, 2, eps=1e-4)
+    got = rlloss.group_advantages(rewards, group_size=2, eps=1e-4)
     torch.testing.assert_close(got, t([1 / (math.sqrt(2) + 1e-4), -1 / (math.sqrt(2) + 1e-4)]))
 
 
 def test_leave_one_out_baseline():
     rewards = t([3.0, 0.0, 0.0])
-    got = rlloss.group_advantages(rewards, 3, baseline="loo", scale="none")
+    got = rlloss.group_advantages(rewards, group_size=3, baseline="loo", scale="none")
     torch.testing.assert_close(got, t([3.0, -1.5, -1.5]))
 
 
 def test_batch_scale_uses_the_std_of_all_rewards():
     rewards = t([1.0, 0.0, 3.0, 3.0])
     batch_std = float(torch.tensor([1.0, 0.0, 3.0, 3.0]).std())  # torch.std of the literal batch
-    got = rlloss.group_advantages(rewards, 2, scale="batch", eps=1e-12)
+    got = rlloss.group_advantages(rewards, group_size=2, scale="batch", eps=1e-12)
     torch.testing.assert_close(got, t([0.5 / batch_std, -0.5 / batch_std, 0.0, 0.0]))
 
 
@@ -81,7 +81,7 @@ def test_singletons_zero_or_keep():
 
 def test_all_equal_group_gives_zero_advantage_and_zero_gradient():
     rewards = t([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]).requires_grad_(True)
-    adv = rlloss.group_advantages(rewards, 3)
+    adv = rlloss.group_advantages(rewards, group_size=3)
     assert torch.equal(adv[:3], torch.zeros(3, device=DEVICE))
     adv[:3].sum().backward()
     assert torch.equal(rewards.grad, torch.zeros(6, device=DEVICE))
@@ -89,7 +89,7 @@ def test_all_equal_group_gives_zero_advantage_and_zero_gradient():
 
 def test_dynamic_sampling_keeps_groups_with_mixed_rewards():
     rewards = t([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
-    got = rlloss.dynamic_sampling_mask(rewards, 3)
+    got = rlloss.dynamic_sampling_mask(rewards, group_size=3)
     assert got.tolist() == [False] * 3 + [True] * 3 + [False] * 3
 
 

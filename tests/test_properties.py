@@ -115,7 +115,7 @@ def test_permuting_samples_with_group_ids_permutes_advantages(backend, n_groups,
     adv = rlloss.group_advantages(rewards, ids, **kw)
     adv_p = rlloss.group_advantages(rewards[perm], ids[perm], **kw)
     assert_close(adv_p, adv[perm], torch.float32)
-    contiguous = rlloss.group_advantages(rewards, size, **kw)
+    contiguous = rlloss.group_advantages(rewards, group_size=size, **kw)
     assert_close(contiguous, adv, torch.float32)
 
 

@@ -45,8 +45,8 @@ def test_preset_loss_is_policy_loss_with_its_values(recipe):
                               level=recipe.level, **extra)
     assert torch.equal(got.loss, want.loss)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], device=DEVICE)
-    assert torch.equal(recipe.advantages(rewards, 3),
-                       rlloss.group_advantages(rewards, 3, baseline="mean", scale=recipe.scale))
+    assert torch.equal(recipe.advantages(rewards, group_size=3),
+                       rlloss.group_advantages(rewards, group_size=3, baseline="mean", scale=recipe.scale))
 
 
 def test_overrides_win_and_presets_are_frozen():
@@ -61,7 +61,8 @@ def test_overrides_win_and_presets_are_frozen():
 def test_result_indexing_gives_the_loss():
     p = make_problem(2, 5, torch.float32, seed=1)
     out = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask)
-    assert out[0] is out.loss and set(out.metrics) == {"clip_low", "clip_high", "clip_dual", "ratio_mean"}
+    assert out[0] is out.loss and set(out.metrics) == {"clip_low", "clip_high", "clip_dual", "ratio_mean",
+                                                         "num_tokens"}
 
 
 def test_presets_beyond_ppo_hold_their_papers_values():
