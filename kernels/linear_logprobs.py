@@ -276,10 +276,11 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  valid: torch.Tensor, vocab_start: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
-                 entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float,
+                 hidden_grad_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(d hidden, d weight, d bias or None)`` in the inputs' dtypes, from the global max ``m``,
-    ``log_s`` (``lse = m + log_s``) and ``entropy`` ``[N]``.
+    ``log_s`` (``lse = m + log_s``) and ``entropy`` ``[N]``; ``d hidden`` stays fp32 with
+    ``hidden_grad_fp32`` (a vocabulary-parallel caller sums the shards before its one rounding).
 
     ``d hidden`` is this shard's contribution (a vocabulary-parallel caller sums it over ranks).
     """
@@ -304,7 +305,8 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         bn, bv, bh, warps = blocks(hidden.dtype, "dw")
         _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, dw, db if db is not None else dw, *args, **flags,
                                                  BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
-    return (dh.to(hidden.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None)
+    return (dh if hidden_grad_fp32 else dh.to(hidden.dtype), dw.to(weight.dtype),
+            db.to(bias.dtype) if bias is not None else None)
 
 
 def finish_stats(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zt: torch.Tensor

@@ -31,18 +31,20 @@ def _(hidden, weight, bias, ids, valid, vocab_start, temperature):
 @torch.library.custom_op("rlloss::linear_grads", mutates_args=())
 def linear_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor, vocab_start: Tensor,
                  m: Tensor, log_s: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
-                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d hidden, d weight, d bias)``; ``d bias`` is an empty tensor without a bias."""
+                 temperature: float, hidden_grad_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d hidden, d weight, d bias)``; ``d bias`` is an empty tensor without a bias; ``d hidden`` fp32
+    with ``hidden_grad_fp32``."""
     dh, dw, db = k.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp,
-                                g_entropy, temperature)
+                                g_entropy, temperature, hidden_grad_fp32)
     return dh, dw, db if db is not None else weight.new_empty(0)
 
 
 @linear_grads.register_fake
-def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature):
+def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature,
+      hidden_grad_fp32=False):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
-        weight, memory_format=torch.contiguous_format), db
+    dh = hidden.new_empty(hidden.shape, dtype=torch.float32 if hidden_grad_fp32 else hidden.dtype)
+    return dh, torch.empty_like(weight, memory_format=torch.contiguous_format), db
 
 
 @torch.library.custom_op("rlloss::linear_token_logprobs", mutates_args=())

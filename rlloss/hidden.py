@@ -181,10 +181,9 @@ class _ShardedLinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(m)
-        dh, dw, db = linear_ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
-                                             g_logp, g_entropy, ctx.temperature)
-        dh32 = dh.float()
-        torch.distributed.all_reduce(dh32, group=ctx.group)
+        dh32, dw, db = linear_ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
+                                               g_logp, g_entropy, ctx.temperature, True)
+        torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
         return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None
 
 

@@ -296,6 +296,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(linear_ops.linear_stats, (*plain, b.detach(), ids, valid, start, 0.9))
     torch.library.opcheck(linear_ops.linear_grads, (*plain, b.detach(), ids, valid, start, m, log_s, ent, gl, ge, 0.9))
     torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, None, 0.9))
+    torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True))
 
 
 @needs_triton
