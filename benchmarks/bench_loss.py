@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--skip-model", action="store_true", help="leave out the counted traffic and the roofline model")
     parser.add_argument("--skip-logits", action="store_true", help="leave out the from-logits problem")
+    parser.add_argument("--skip-hidden", action="store_true", help="leave out the from-hidden-states problem")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -424,12 +425,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {reps_l} runs after 1 warm-up; {env['kind']}")
         print(bench_logits.table(rows_l))
 
+    if not args.skip_hidden:
+        import bench_hidden
+
+        record_hidden = bench_hidden.report(quick=args.quick)
+
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if on_gpu else "cpu"
     record: dict[str, Any] = {"environment": env, "reps": reps, "warmup": args.warmup,
                               "rows": [dataclasses.asdict(r) | {"tokens": r.tokens} for r in rows]}
     if not args.skip_logits:
         record["logits_rows"] = [dataclasses.asdict(r) for r in rows_l]
+    if not args.skip_hidden:
+        record["hidden"] = record_hidden
     if not args.skip_model:
         record["model"] = model_section(quick=args.quick)
         if not args.skip_logits:

@@ -201,6 +201,7 @@ def parse_sass(sass: str) -> dict[str, Any]:
     ldg: Counter[int] = Counter()
     stg: Counter[int] = Counter()
     atomics: Counter[str] = Counter()
+    mma: Counter[str] = Counter()
     local = 0
     opcodes = 0
     for line in sass.splitlines():
@@ -218,11 +219,14 @@ def parse_sass(sass: str) -> dict[str, Any]:
             local += 1
         if ATOMIC_OPCODE.match(base):
             atomics[op] += 1
+        if base in ("HMMA", "HGMMA"):  # tensor-core matrix multiplies (sm_80 / sm_90a)
+            mma[base] += 1
     return {
         "instructions": opcodes,
         "ldg": {str(w): n for w, n in sorted(ldg.items(), reverse=True)},
         "stg": {str(w): n for w, n in sorted(stg.items(), reverse=True)},
         "atomics": dict(atomics),
+        "mma": dict(mma),
         "local_accesses": local,
     }
 
@@ -472,6 +476,22 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
         add(f"token_logprobs V=32768 {dn}", logits_run(dt, 32768))
     add("token_logprobs V=1000 fp32, logp only", logits_run(f32, 1000, entropy=False))
     add("policy_loss_from_logits V=32768 bf16, in place", logits_run(torch.bfloat16, 32768, loss=True, inplace=True))
+
+    # linear_token_logprobs (from hidden states): H = 4096, V = 1000 (not a multiple of the blocks)
+    def hidden_run(dt, bias=True, entropy=True):
+        def run():
+            gen = torch.Generator().manual_seed(5)
+            h = torch.randn(2, 8, 4096, generator=gen).to(dt).requires_grad_(True)
+            w = torch.randn(1000, 4096, generator=gen).to(dt).requires_grad_(True)
+            b = torch.randn(1000, generator=gen).to(dt).requires_grad_(True) if bias else None
+            ids = torch.randint(0, 1000, (2, 8), generator=gen)
+            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
+            (logp.sum() + (ent.sum() if entropy else 0)).backward()
+        return run
+
+    for dn, dt in dtypes.items():
+        add(f"linear_token_logprobs H=4096 V=1000 {dn}", hidden_run(dt))
+    add("linear_token_logprobs bf16, no bias, logp only", hidden_run(torch.bfloat16, bias=False, entropy=False))
     return out
 
 
@@ -513,6 +533,8 @@ def _capture_child(out_path: str, execute: bool) -> None:
             jf = JITFunction(self.fn, **self.kwargs)  # what @triton.jit builds without the interpreter
             binders[key] = (jf, create_function_from_signature(jf.signature, jf.params, backend))
         jf, binder = binders[key]
+        if "INTERPRETER_BF16" in kwargs:  # the interpreter's bf16 tl.dot workaround: never taken on a GPU
+            kwargs = {**kwargs, "INTERPRETER_BF16": False}
         bound, specialization, launch_options = binder(*args, **kwargs)
         _, signature, constexprs, attrs = jf._pack_args(backend, dict(launch_options), bound, specialization,
                                                        launch_options)

@@ -21,6 +21,7 @@ from .advantages import (
     whiten,
 )
 from .aggregation import masked_mean
+from .hidden import linear_token_logprobs, policy_loss_from_hidden
 from .corrections import importance_weights, off_policy_mask, rejection_mask, top_entropy_mask
 from .kl import k3_kl, kl_estimate
 from .logits import policy_loss_from_logits, token_logprobs
@@ -77,9 +78,11 @@ __all__ = [
     "group_advantages",
     "k3_kl",
     "kl_estimate",
+    "linear_token_logprobs",
     "masked_mean",
     "policy_loss",
     "policy_loss_from_logits",
+    "policy_loss_from_hidden",
     "recipes",
     "soft_overlong_penalty",
     "token_logprobs",

@@ -194,6 +194,12 @@ def policy_loss_from_logits(
         logp, entropy = _token_logprobs_torch(logits, safe_ids, temperature, True)
     # the user's backend, not the resolved one: "auto" lets the loss fall back for objectives without a kernel
     out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
+    return with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)
+
+
+def with_entropy_bonus(out: PolicyLoss, entropy: torch.Tensor, mask_b: torch.Tensor, entropy_coef: float,
+                       loss_options: dict[str, Any]) -> PolicyLoss:
+    """``out`` minus ``entropy_coef`` times the entropy aggregated as the loss was, plus ``entropy_mean``."""
     ent = torch.where(mask_b, entropy, torch.zeros_like(entropy))
     metrics = dict(out.metrics)
     metrics["entropy_mean"] = safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))

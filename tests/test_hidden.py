@@ -1,0 +1,471 @@
+"""The loss from hidden states and the LM head: both backends against ``token_logprobs`` on materialised logits.
+
+The expected values never come from the code under test: they are ``token_logprobs`` (reference
+backend) on logits built here in fp32 from the same inputs, and autograd through that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import rlloss
+from helpers import BACKENDS, DEVICE, assert_close, gloo_rank, spawn_ranks, triton_runs_here
+from strategies import make_mask
+
+needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# V below one vocabulary block (128), at its edges, and several blocks; H below and above one block (64)
+VOCABS = st.one_of(st.integers(1, 40), st.sampled_from([127, 128, 129, 301, 523]))
+HIDDENS = st.one_of(st.integers(1, 40), st.sampled_from([63, 65, 97]))
+TOKENS = st.one_of(st.integers(1, 20), st.sampled_from([63, 64, 65, 150]))
+GRADS = ("logp", "entropy", "both")
+
+
+def make_head(n: int, h: int, v: int, dtype: torch.dtype, seed: int, *, bias: bool, mask_kind: str = "full",
+              logit_shift: float = 0.0, peak: float = 0.0, strided: bool = False):
+    """hidden [1, n, h], weight [v, h], bias, ids [1, n] (-100 and NaN hidden where masked), mask."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / math.sqrt(h) * 2
+    b = torch.randn(v, generator=gen) + logit_shift if bias or logit_shift else None
+    ids = torch.randint(0, v, (1, n), generator=gen)
+    if peak:  # the target token dominates: p > 1 - 1e-6
+        b = torch.zeros(v) if b is None else b
+        b[0] += peak
+        ids[:] = 0
+    mask = make_mask(mask_kind, 1, n, gen)
+    hidden[~mask] = float("nan")  # masked positions never matter
+    ids[~mask] = -100
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    if strided:  # non-contiguous layouts, as slices of bigger buffers and a transposed head
+        big = torch.zeros(1, n, 2 * h, dtype=dtype)
+        big[..., ::2] = hidden
+        hidden = big[..., ::2]
+        weight = weight.T.contiguous().T
+    put = (lambda x: x.to(DEVICE) if x is not None else None)
+    return put(hidden), put(weight), put(b), ids.to(DEVICE), mask.to(DEVICE)
+
+
+def upstream(n: int, which: str, seed: int, strided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 7)
+    g = torch.randn(2, 1, 2 * n, generator=gen).to(DEVICE)
+    gl, ge = (g[0, :, ::2], g[1, :, ::2]) if strided else (g[0, :, :n].contiguous(), g[1, :, :n].contiguous())
+    if which == "logp":
+        ge = torch.zeros_like(ge)
+    if which == "entropy":
+        gl = torch.zeros_like(gl)
+    return gl, ge
+
+
+def leaves(*xs):
+    return [x.detach().clone().requires_grad_(True) if x is not None else None for x in xs]
+
+
+def grads_of(out: torch.Tensor, xs) -> list[torch.Tensor | None]:
+    present = [x for x in xs if x is not None]
+    got = iter(torch.autograd.grad(out, present))
+    return [next(got) if x is not None else None for x in xs]
+
+
+def expected(hidden, weight, bias, ids, mask, temperature, gl, ge):
+    """token_logprobs on fp32 logits materialised here; gradients by autograd, rounded to the inputs' dtype."""
+    h, w, b = leaves(torch.where(mask[..., None], hidden.float(), 0.0), weight.float(),
+                     bias.float() if bias is not None else None)
+    logits = h @ w.T + (b if b is not None else 0.0)
+    logp, ent = rlloss.token_logprobs(logits, torch.where(mask, ids, 0), temperature=temperature,
+                                      return_entropy=True, backend="torch")
+    logp, ent = torch.where(mask, logp, 0.0), torch.where(mask, ent, 0.0)
+    *grads, d_logits = grads_of((logp * gl).sum() + (ent * ge).sum(), [h, w, b, logits])
+    z_scale = float(logits.detach().abs().max()) / temperature + 1.0 if logits.numel() else 1.0
+    # rounding of a reordered sum is relative to the sum of magnitudes, |d logits| @ |weight| etc., and
+    # p = exp(z - lse) carries the rounding of z, relative to |z|
+    dl = d_logits.abs()[0] * z_scale
+    scales = (dl @ w.detach().abs(), dl.T @ h.detach().abs()[0], dl.sum(0) if b is not None else None)
+    return logp.detach(), ent.detach(), grads, z_scale, scales
+
+
+def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend):
+    h, w, b = leaves(hidden, weight, bias)
+    logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=temperature, mask=mask,
+                                             return_entropy=True, backend=backend)
+    grads = grads_of((logp * gl).sum() + (ent * ge).sum(), [h, w, b])
+    return logp.detach(), ent.detach(), grads
+
+
+def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend):
+    dtype = hidden.dtype
+    want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, bias, ids, mask, temperature, gl, ge)
+    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend)
+    assert_close(logp, want_logp, torch.float32, scale=z_scale, what="logp")
+    assert_close(ent, want_ent, torch.float32, scale=z_scale, what="entropy")
+    assert bool((logp <= 0).all()), "a log-probability above 0"
+    assert bool((logp[~mask] == 0).all() and (ent[~mask] == 0).all())
+    for name, got, want, scale in zip(("hidden", "weight", "bias"), grads, want_grads, scales):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == dtype, f"d {name} in {got.dtype}, not the input's {dtype}"
+        assert_close(got, want.to(dtype).reshape(got.shape), dtype, scale=scale.reshape(got.shape),
+                     what=f"d {name}")
+    assert bool((grads[0][~mask] == 0).all()), "gradient at masked positions"
+
+
+@given(n=TOKENS, h=HIDDENS, v=VOCABS, dtype=st.sampled_from(DTYPES), temperature=st.sampled_from([1.0, 0.7, 1.3]),
+       bias=st.booleans(), mask_kind=st.sampled_from(["random", "full", "prefix", "all_masked"]),
+       which=st.sampled_from(GRADS), strided=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       backend=st.sampled_from(BACKENDS))
+@example(n=1, h=1, v=1, dtype=torch.float32, temperature=1.0, bias=False, mask_kind="full", which="both",
+         strided=False, seed=0, backend=BACKENDS[-1])
+@example(n=65, h=65, v=301, dtype=torch.bfloat16, temperature=0.7, bias=True, mask_kind="random", which="both",
+         strided=True, seed=1, backend=BACKENDS[-1])  # non-contiguous inputs and upstream gradients
+@example(n=150, h=63, v=523, dtype=torch.float16, temperature=1.3, bias=False, mask_kind="prefix",
+         which="entropy", strided=False, seed=2, backend=BACKENDS[-1])
+def test_matches_token_logprobs_on_materialised_logits(n, h, v, dtype, temperature, bias, mask_kind, which, strided,
+                                                       seed, backend):
+    hidden, weight, b, ids, mask = make_head(n, h, v, dtype, seed, bias=bias, mask_kind=mask_kind, strided=strided)
+    gl, ge = upstream(n, which, seed, strided)
+    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_very_negative_logits_give_correct_never_positive_logp(backend, dtype):
+    # verl's max started at 0: rows whose logits are all about -1e4 came out with positive log-probs
+    hidden, weight, b, ids, mask = make_head(37, 33, 301, dtype, 3, bias=True, logit_shift=-1e4)
+    gl, ge = upstream(37, "both", 3, False)
+    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peaked_rows(backend):
+    # p > 1 - 1e-6 at the target: logp is about -1e-7, never positive, d logits = g (1 - p) not rounded away
+    hidden, weight, b, ids, mask = make_head(9, 17, 129, torch.float32, 4, bias=False, peak=30.0)
+    gl, ge = upstream(9, "both", 4, False)
+    logp = rlloss.linear_token_logprobs(hidden, weight, ids, bias=b, backend=backend)
+    assert bool((torch.exp(logp) > 1 - 1e-6).all()) and bool((logp <= 0).all())
+    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_is_bitwise_deterministic(dtype):
+    hidden, weight, b, ids, mask = make_head(150, 65, 301, dtype, 5, bias=True, mask_kind="random")
+    gl, ge = upstream(150, "both", 5, False)
+    first = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton")
+    second = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for a, c in zip(first[2], second[2]):
+        assert torch.equal(a, c)
+
+
+def test_float64_gradcheck_of_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 3), generator=gen)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    ids[~mask] = -100
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=0.7, mask=mask,
+                                                     return_entropy=True, backend="torch"),
+        (hidden, weight, bias))
+
+
+def loss_inputs(dtype: torch.dtype, seed: int):
+    hidden, weight, b, ids, mask = make_head(23, 19, 131, dtype, seed, bias=True, mask_kind="random")
+    hidden = hidden.reshape(1, 23, 19).expand(2, 23, 19).clone()
+    hidden[1] = hidden[1].flip(0)
+    ids = torch.cat([ids, ids.flip(1)])
+    mask = torch.cat([mask, mask.flip(1)])
+    mask[1] = False  # an empty row
+    ids[1] = -100
+    gen = torch.Generator().manual_seed(seed)
+    old = (-torch.rand(2, 23, generator=gen) * 5).to(DEVICE)
+    adv = torch.randn(2, generator=gen).to(DEVICE)
+    return hidden, weight, b, ids, mask, old, adv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [
+    {},
+    {"aggregation": "seq_mean_token_mean", "entropy_coef": 0.01, "temperature": 0.7, "beta": 0.04},
+    {"aggregation": "constant", "max_tokens": 32, "level": "sequence", "entropy_coef": 0.1},
+    {"objective": "cispo", "num_tokens": 40, "dp_size": 2, "entropy_coef": 0.05},
+])
+def test_policy_loss_from_hidden_is_policy_loss_from_logits(backend, options):
+    hidden, weight, b, ids, mask, old, adv = loss_inputs(torch.float32, 6)
+    kw = dict(options)
+    if "beta" in kw:
+        kw["ref_logp"] = old + 0.1
+    h, w, bb = leaves(hidden, weight, b)
+    out = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, bias=bb, backend=backend, **kw)
+    grads = grads_of(out.loss, [h, w, bb])
+    h2, w2, b2 = leaves(torch.where(mask[..., None], hidden, 0.0), weight, b)
+    want = rlloss.policy_loss_from_logits(h2 @ w2.T + b2, ids, old, adv, mask, backend="torch", **kw)
+    want_grads = grads_of(want.loss, [h2, w2, b2])
+    assert_close(out.loss, want.loss, torch.float32, scale=1.0, what="loss")
+    assert set(out.metrics) == set(want.metrics) and "entropy_mean" in out.metrics
+    for name in want.metrics:
+        assert_close(out.metrics[name], want.metrics[name], torch.float32, scale=1.0, what=name)
+    for name, got, exp in zip(("hidden", "weight", "bias"), grads, want_grads):
+        assert_close(got, exp, torch.float32, scale=float(exp.abs().max()), what=f"d {name}")
+
+
+def test_bias_and_temperature_are_applied_as_the_spec_says():
+    # V=2, one token, hidden·weight = (0, 1), bias (0, ln 3 - 1) -> logits (0, ln 3), temperature 1: p = (1/4, 3/4)
+    hidden = torch.tensor([[1.0]], device=DEVICE)
+    weight = torch.tensor([[0.0], [1.0]], device=DEVICE)
+    bias = torch.tensor([0.0, math.log(3.0) - 1.0], device=DEVICE)
+    for backend in BACKENDS:
+        logp, ent = rlloss.linear_token_logprobs(hidden, weight, torch.tensor([1], device=DEVICE), bias=bias,
+                                                 return_entropy=True, backend=backend)
+        assert logp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+        assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+        half = rlloss.linear_token_logprobs(hidden, weight, torch.tensor([1], device=DEVICE), bias=bias,
+                                            temperature=2.0, backend=backend)  # logits (0, ln 3) / 2
+        assert half.item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3))), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w[:, :3], i), ValueError, "weight"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i[:, :2]), ValueError, "ids"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h[0, 0], w, i), ValueError, "hidden"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h.long(), w, i), TypeError, "hidden"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w.double(), i), TypeError, "weight"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i.float()), TypeError, "ids"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w.to("meta"), i), ValueError, "weight on meta"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, bias=torch.zeros(3)), ValueError, "bias"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, temperature=0.0), ValueError, "temperature"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i + 100), ValueError, "ids"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i - 100), ValueError, "ids"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, mask=torch.ones(2, 2, dtype=torch.bool)),
+         ValueError, "mask"),
+        (lambda h, w, i: rlloss.policy_loss_from_hidden(h, w, i, None, torch.ones(2), torch.ones(2, 3),
+                                                        entropy_coef=-1.0), ValueError, "entropy_coef"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_names_the_argument(call, error, words, backend):
+    if DEVICE.type != "cpu":
+        pytest.skip("the eager ValueError on out-of-range ids is the CPU path; CUDA asserts on the device")
+    hidden, weight, _, ids, _ = make_head(3, 5, 11, torch.float32, 0, bias=False)
+    hidden = hidden.expand(2, 3, 5).clone()
+    ids = ids.expand(2, 3).clone()
+    with pytest.raises(error, match=words):
+        call(hidden, weight, ids)
+
+
+def test_out_of_range_ids_where_masked_are_never_read():
+    hidden, weight, _, ids, _ = make_head(4, 5, 11, torch.float32, 0, bias=False)
+    mask = torch.tensor([[True, False, True, False]], device=DEVICE)
+    ids[~mask] = 10**9
+    for backend in BACKENDS:
+        logp = rlloss.linear_token_logprobs(hidden, weight, ids, mask=mask, backend=backend)
+        assert bool((logp[~mask] == 0).all()) and bool(torch.isfinite(logp).all())
+
+
+# --- custom ops ----------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    """Schema, fake tensors, autograd registration and AOT dispatch of the three ``rlloss::linear_*`` ops."""
+    from rlloss.kernels import linear_ops
+
+    hidden, weight, b, ids, mask = make_head(70, 17, 131, torch.float32, 8, bias=True, mask_kind="random")
+    h, w, b = hidden.reshape(70, 17), weight, b
+    ids, valid = ids.reshape(70), mask.reshape(70)
+    start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    h = torch.where(valid[:, None], h, 0.0)  # opcheck compares outputs with NaN-aware equality; keep them finite
+    gen = torch.Generator().manual_seed(8)
+    m, log_s, ent, gl, ge = (torch.randn(70, generator=gen).to(DEVICE) for _ in range(5))
+    torch.library.opcheck(linear_ops.linear_token_logprobs,
+                          (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), ids, valid, 0.9))
+    plain = (h.detach(), w.detach())
+    torch.library.opcheck(linear_ops.linear_stats, (*plain, b.detach(), ids, valid, start, 0.9))
+    torch.library.opcheck(linear_ops.linear_grads, (*plain, b.detach(), ids, valid, start, m, log_s, ent, gl, ge, 0.9))
+    torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, None, 0.9))
+    torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True))
+
+
+@needs_triton
+def test_compiles_with_fullgraph():
+    hidden, weight, b, ids, mask = make_head(20, 9, 40, torch.float32, 9, bias=True, mask_kind="random")
+    h, w, bb = leaves(hidden, weight, b)
+
+    def f(h, w, bb):
+        logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
+                                                 backend="triton")
+        return (logp * 2).sum() + ent.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(h, w, bb)
+    want = f(*leaves(hidden, weight, b))
+    assert_close(got.detach(), want.detach(), torch.float32, scale=float(want.abs()))
+    g = torch.autograd.grad(got, [h, w, bb])
+    h2, w2, b2 = leaves(hidden, weight, b)
+    g2 = torch.autograd.grad(f(h2, w2, b2), [h2, w2, b2])
+    for a, c in zip(g, g2):
+        assert torch.equal(a, c)
+
+
+# --- vocabulary parallelism on gloo ----------------------------------------------------------------------
+
+N_TP, H_TP, V_TP = 29, 21, 301  # 301 = 151 + 150 = 101 + 100 + 100: uneven shards
+
+
+def tp_problem():
+    hidden, weight, b, ids, mask = make_head(N_TP, H_TP, V_TP, torch.float32, 11, bias=True, mask_kind="random")
+    gen = torch.Generator().manual_seed(12)
+    gl, ge = torch.randn(1, N_TP, generator=gen), torch.randn(1, N_TP, generator=gen)
+    return hidden, weight, b, ids, mask, gl, ge
+
+
+def _tp_rank(rank: int, port: int, out_dir: str, world: int, backends: list[str]) -> None:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    with gloo_rank(rank, port, out_dir, world):
+        hidden, weight, b, ids, mask, gl, ge = tp_problem()
+        rows = torch.tensor_split(torch.arange(V_TP), world)[rank]
+        out = {}
+        for backend in backends:
+            h, w, bb = leaves(hidden, weight[rows], b[rows])
+            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, temperature=0.8,
+                                                     return_entropy=True, group=torch.distributed.group.WORLD,
+                                                     backend=backend)
+            grads = torch.autograd.grad((logp * gl).sum() + (ent * ge).sum(), [h, w, bb])
+            out[backend] = (logp.detach(), ent.detach(), *grads)
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
+    results = spawn_ranks(_tp_rank, world, tmp_path, 240.0, world, BACKENDS)
+    hidden, weight, b, ids, mask, gl, ge = tp_problem()
+    want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, ge)
+    for backend in BACKENDS:
+        for r, res in enumerate(results):
+            logp, ent, dh, _, _ = res[backend]
+            assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{backend} rank {r} logp")
+            assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{backend} rank {r} entropy")
+            assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None],
+                         what=f"{backend} rank {r} d hidden")
+        dw = torch.cat([res[backend][3] for res in results])
+        db = torch.cat([res[backend][4] for res in results])
+        assert_close(dw, want_grads[1], torch.float32, scale=scales[1], what="d weight")
+        assert_close(db, want_grads[2], torch.float32, scale=scales[2], what="d bias")
+
+
+# --- the benchmark's contenders ----------------------------------------------------------------------------
+
+
+def test_benchmark_contenders_compute_the_same_values_and_gradients():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_hidden
+
+    hidden, weight, ids, gl, ge = bench_hidden.make_inputs(40, 300, 24)
+    hidden, weight = hidden.float(), weight.float()  # the contenders' own arithmetic, not bf16 rounding, is compared
+    names = [n for n in bench_hidden.CONTENDERS if n != "rlloss-fused" or triton_runs_here()]
+    names = [n for n in names if n != "trl-1.16" or _trl_imports()]
+    results = {n: bench_hidden.step(bench_hidden.build(n), hidden, weight, ids, gl, ge) for n in names}
+    want = results["rlloss-torch"]
+    for name, got in results.items():
+        for what, a, e in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
+            assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=f"{name} {what}")
+
+
+def _trl_imports() -> bool:
+    try:
+        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_fused_extra_memory_has_no_term_in_n_times_v():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_hidden
+
+    n, v, h = 65536, 151936, 3584
+    extra = bench_hidden.fused_extra_bytes(n, v, h)
+    accumulators = 4 * (n * h + v * h)  # fp32 d hidden and d weight
+    assert accumulators <= extra <= accumulators + 4 * 2**20  # plus a few MB of per-token statistics
+    assert bench_hidden.fused_extra_bytes(n, 2 * v, h) - extra == 4 * v * h  # doubling V adds only d weight's rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hugging_face_hidden_states_and_lm_head_give_the_loss_of_its_logits(backend):
+    """The README's usage: ``outputs.hidden_states[-1][:, P-1:-1]`` and ``model.lm_head.weight`` give the
+    loss and the parameter gradients that ``policy_loss_from_logits`` gives on the model's own logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).to(DEVICE)
+    B, P, T = 3, 4, 6
+    seq = torch.randint(0, 97, (B, P + T), device=DEVICE)
+    mask = torch.arange(T, device=DEVICE)[None, :] < torch.tensor([[6], [2], [4]], device=DEVICE)
+    old = -torch.rand(B, T, device=DEVICE) * 5
+    adv = torch.randn(B, device=DEVICE)
+    kw = {"eps_high": 0.28, "aggregation": "seq_mean_token_mean", "entropy_coef": 0.01, "temperature": 0.9}
+    params = [model.lm_head.weight, model.model.layers[1].mlp.down_proj.weight]
+
+    out = model(input_ids=seq, output_hidden_states=True, logits_to_keep=1)  # no [B, P + T, V] logits
+    got = rlloss.policy_loss_from_hidden(out.hidden_states[-1][:, P - 1:-1], model.lm_head.weight, seq[:, P:],
+                                         old, adv, mask, backend=backend, **kw)
+    got_grads = torch.autograd.grad(got.loss, params)
+    logits = model(input_ids=seq).logits[:, P - 1:-1]
+    want = rlloss.policy_loss_from_logits(logits, seq[:, P:], old, adv, mask, backend="torch", **kw)
+    want_grads = torch.autograd.grad(want.loss, params)
+    assert_close(got.loss, want.loss, torch.float32, scale=1.0, what="loss")
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, torch.float32, scale=float(w.abs().max()), what="parameter gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [1e4, -1e4])
+def test_entropy_near_1e4_matches_float64(backend, shift):
+    """Logits exactly representable in fp32 (hidden 1, weight k/8, bias +-1e4): the entropy is summed
+    against the running max, so it stays within 1e-5 relative of fp64; ``lse - sum p z`` would lose
+    about 2e-4 there."""
+    gen = torch.Generator().manual_seed(13)
+    v = 301
+    weight = (torch.randint(-40, 41, (v, 1), generator=gen).float() / 8).to(DEVICE)
+    bias = torch.full((v,), shift, device=DEVICE)
+    hidden = torch.ones(5, 1, device=DEVICE) * torch.tensor([1.0, 0.5, 2.0, 0.25, 1.5], device=DEVICE)[:, None]
+    ids = torch.randint(0, v, (5,), generator=gen).to(DEVICE)
+    logp, ent = rlloss.linear_token_logprobs(hidden, weight, ids, bias=bias, return_entropy=True, backend=backend)
+    z = hidden.double() @ weight.double().T + shift
+    lsm = torch.log_softmax(z, -1)
+    want_ent = -(lsm.exp() * lsm).sum(-1)
+    torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp.double(), lsm.gather(-1, ids[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_without_entropy_the_gradient_is_the_log_prob_gradient():
+    hidden, weight, b, ids, mask = make_head(33, 17, 131, torch.float32, 14, bias=True, mask_kind="random")
+    gl, _ = upstream(33, "logp", 14, False)
+    zero = torch.zeros_like(gl)
+    want = run(hidden, weight, b, ids, mask, 1.0, gl, zero, "torch")[2]
+    h, w, bb = leaves(hidden, weight, b)
+    logp = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, backend="triton")
+    got = torch.autograd.grad((logp * gl).sum(), [h, w, bb])
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32, scale=float(e.abs().max()))
