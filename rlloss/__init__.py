@@ -5,6 +5,8 @@ Every public function validates its inputs once and dispatches on ``backend``:
 ``"auto"`` (Triton on CUDA tensors when triton imports, otherwise the reference).
 """
 
+from importlib import metadata as _metadata
+
 from . import distributed, recipes
 from ._validate import EmptyBatchWarning
 from .advantages import (
@@ -42,7 +44,10 @@ from .surrogates import (
     vespo_surrogate,
 )
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml; the installed metadata carries it
+    __version__ = _metadata.version("rlloss")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "EmptyBatchWarning",

@@ -179,15 +179,13 @@ def policy_loss(
     the normaliser), ``KL = kl_estimate(logp, ref_logp, kind=kl)``, times the ratio ``exp(dc)``
     with ``kl_bias_correction`` (not detached; DeepSeek-V3.2). ``M`` the mask, then by ``aggregation``:
 
-    ======================== ====================================== ==========================
-    aggregation              loss                                   recipe
-    ======================== ====================================== ==========================
-    ``token_mean``           ``sum(l*M) / N_tok``                   DAPO, BNPO
-    ``seq_mean_token_mean``  ``sum_i (sum_t l*M / n_i) / N_seq``    GRPO (as published)
-    ``seq_mean_token_sum``   ``sum_i sum_t l*M / N_seq``            LUSPO
-    ``constant``             ``sum(l*M) / (N_seq * max_tokens)``    Dr. GRPO
-    ``token_sum``            ``sum(l*M)``                           verl ``token-sum``
-    ======================== ====================================== ==========================
+    | aggregation             | loss                                  | recipe              |
+    |-------------------------|---------------------------------------|---------------------|
+    | ``token_mean``          | ``sum(l*M) / N_tok``                  | DAPO, BNPO          |
+    | ``seq_mean_token_mean`` | ``sum_i (sum_t l*M / n_i) / N_seq``   | GRPO (as published) |
+    | ``seq_mean_token_sum``  | ``sum_i sum_t l*M / N_seq``           | LUSPO               |
+    | ``constant``            | ``sum(l*M) / (N_seq * max_tokens)``   | Dr. GRPO            |
+    | ``token_sum``           | ``sum(l*M)``                          | verl ``token-sum``  |
 
     ``N_tok = num_tokens`` if given else ``mask.sum()``; ``N_seq = num_seqs`` if given else ``B``
     (TRL; verl's seq-mean modes count non-empty rows: pass ``num_seqs`` to reproduce it); ``n_i``

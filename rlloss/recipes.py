@@ -1,7 +1,9 @@
 """Published recipes as presets: one object holds a paper's advantage and loss settings.
 
->>> adv = rlloss.recipes.DAPO.advantages(rewards, group_size=8)  # or groups=<tensor of group ids>
->>> loss, metrics = rlloss.recipes.DAPO.loss(logp, old_logp, adv, mask)
+Example::
+
+    adv = rlloss.recipes.DAPO.advantages(rewards, group_size=8)  # or groups=<tensor of group ids>
+    loss, metrics = rlloss.recipes.DAPO.loss(logp, old_logp, adv, mask)
 
 Keyword arguments given to ``loss``/``advantages`` override the preset (e.g. ``max_tokens`` for
 Dr. GRPO, ``num_tokens``/``num_seqs``/``dp_size`` under gradient accumulation, ``backend``).
