@@ -25,6 +25,11 @@ from typing import Any
 
 import torch
 
+from harness import Part, Run
+from problems import make_problem
+from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO
+from traffic import count_backend, interpreter_active, minimum_bytes
+
 HBM_BYTES_PER_S = 3.0e12
 LAUNCH_US = 4.0
 LAUNCH_US_RANGE = (2.0, 10.0)
@@ -56,9 +61,6 @@ class ModelRow:
 
 def count_all(b: int, t: int) -> tuple[list[ModelRow], list[str]]:
     """Counted forward+backward for every recipe, dtype and backend; and what was skipped."""
-    from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO
-    from traffic import count_backend, interpreter_active, make_problem, minimum_bytes
-
     rows, skipped = [], []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         problem = make_problem(b, t, dtype, "cpu", mask="prefix")
@@ -121,3 +123,12 @@ def report(quick: bool = False) -> dict[str, Any]:
         "rows": [dataclasses.asdict(r) | {"modelled_us": r.us} for r in rows],
         "skipped": skipped,
     }
+
+
+def run(run: Run) -> dict[str, Any]:
+    """``bench_loss.py``'s part: the counted traffic and the modelled time, for the JSON record."""
+    return {"model": report(quick=run.quick)}
+
+
+PART = Part("counted traffic and the roofline model", run, flag="model",
+            help="leave out the counted traffic and the roofline model")
