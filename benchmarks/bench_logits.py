@@ -72,7 +72,7 @@ def liger_loss(inputs: dict[str, torch.Tensor]) -> harness.LossFn:
 def contenders(on_gpu: bool, with_compile: bool, skipped: list[str] | None = None) -> list[str]:
     """The contenders this machine runs; what it cannot run is printed and added to ``skipped``."""
     names = ["eager"] + (["compile"] if with_compile else [])
-    why = None
+    left = why = None
     if on_gpu:
         names.append("rlloss-triton")
         try:
@@ -80,13 +80,13 @@ def contenders(on_gpu: bool, with_compile: bool, skipped: list[str] | None = Non
 
             names.append("liger-triton")
         except ImportError:
-            why = "from logits: liger-triton skipped: liger_kernel is not installed"
+            left, why = "liger-triton", "liger_kernel is not installed"
     else:
-        why = "from logits: rlloss-triton and liger-triton skipped: no CUDA device"
-    if why:
-        print(why)
+        left, why = "rlloss-triton and liger-triton", "no CUDA device"
+    if left:
+        print(f"from logits: {left} skipped: {why}")
         if skipped is not None:
-            skipped.append(why.replace(" skipped:", " (") + ")")
+            skipped.append(f"from logits: {left} ({why})")
     return names
 
 
@@ -158,7 +158,7 @@ def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str,
     return out
 
 
-def run(run: Run) -> dict[str, Any]:
+def time_and_count(run: Run) -> dict[str, Any]:
     """``bench_loss.py``'s part: the timed from-logits table, then the counted and modelled section."""
     names = contenders(run.on_gpu, with_compile=run.compile, skipped=run.skipped)
     sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES
@@ -172,4 +172,4 @@ def run(run: Run) -> dict[str, Any]:
     return record
 
 
-PART = Part("the from-logits problem", run, flag="logits", help="leave out the from-logits problem")
+PART = Part("the from-logits problem", time_and_count, flag="logits", help="leave out the from-logits problem")

@@ -189,10 +189,12 @@ def run_loss(run: Run, dtypes: list[str]) -> tuple[dict[str, Any], list[Row], li
     if not run.compile:
         run.skip("rlloss-compile (--no-compile)")
     sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES if run.full else CPU_DEFAULT_SIZES
+    if run.quick:
+        run.skip(f"policy loss: every size but {QUICK_SIZES[0][0]}x{QUICK_SIZES[0][1]} (--quick)")
     if not run.full:
         left = [f"{b}x{t}" for b, t in (GPU_SIZES if run.on_gpu else CPU_SIZES) if (b, t) not in sizes]
-        run.skip("policy loss: " + (f"sizes {', '.join(left)} and " if left else "")
-                 + "each recipe with the KL term switched the other way (run with --full)")
+        run.skip("policy loss: " + (f"sizes {', '.join(left)} and " if left and not run.quick else "")
+                 + "each recipe with its KL term switched the other way (--full runs them)")
     rows = sweep(names, cases(sizes, dtypes, run.full), run.device, run.meter, run.progress)
     m = run.meter
     print(f"\nforward / backward / forward+backward medians of {m.reps} runs after {m.warmup} warm-up; "

@@ -79,3 +79,39 @@ def test_the_compiled_contender_computes_the_reference(recipe, kl):
     direct = bench_loss.build("rlloss-compile", recipe, kl, inputs, compile=False)(inputs["logp"])
     public = bench_loss.build("rlloss-torch", recipe, kl, inputs)(inputs["logp"])
     assert torch.equal(direct, public)
+
+
+def test_the_compiled_logits_contender_computes_the_reference():
+    """The from-logits compile contender calls the references past validation: uncompiled, it must
+    give what the public ``policy_loss_from_logits`` gives."""
+    import bench_logits
+
+    inputs = problems.logits_inputs(48, 256, DEVICE)
+    direct = bench_logits.build("compile", inputs, compile=False)(inputs["logits"])
+    public = bench_logits.build("eager", inputs)(inputs["logits"])
+    assert torch.equal(direct, public)
+
+
+def test_the_benchmark_modules_import_without_a_cycle():
+    """Each script imports the shared modules (harness, problems, ...), never one that imports it back."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    local = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        graph[path.stem] = names & local
+    for script in ("bench_loss", "bench_logits"):
+        assert {"harness", "problems"} <= graph[script], (script, graph[script])
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, f"modules in an import cycle: {cycles}: {graph}"
