@@ -101,11 +101,11 @@ class LogitsRow:
 
 def sweep(names: list[str], sizes: tuple[tuple[int, int], ...], device: torch.device, meter: harness.Meter,
           progress: bool = False) -> list[LogitsRow]:
-    problem = harness.Problem(inputs=lambda size: problems.logits_inputs(*size, device),
+    bench = harness.Bench(inputs=lambda size: problems.logits_inputs(*size, device),
                               build=lambda name, _, inputs: build(name, inputs), leaf="logits",
                               describe=lambda size: f"from logits {size[0]}x{size[1]}")
     return [LogitsRow(tokens, vocab, name, ms, peak)
-            for (tokens, vocab), name, ms, peak in harness.sweep(problem, sizes, names, meter, progress)]
+            for (tokens, vocab), name, ms, peak in harness.sweep(bench, sizes, names, meter, progress)]
 
 
 def table(rows: list[LogitsRow]) -> str:
@@ -169,6 +169,8 @@ def time_and_count(run: Run) -> dict[str, Any]:
     record: dict[str, Any] = {"logits_rows": [dataclasses.asdict(r) for r in rows]}
     if run.model:
         record["logits_model"] = counted_and_modelled()
+    else:
+        run.skip("from logits: the counted and modelled section (--skip-model)")
     return record
 
 

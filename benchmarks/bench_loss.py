@@ -122,12 +122,12 @@ def contenders(with_triton: bool, with_compile: bool) -> list[str]:
 
 
 def sweep(names: list[str], todo: list[Case], device: torch.device, meter: Meter, progress: bool = True) -> list[Row]:
-    problem = harness.Problem(
+    bench = harness.Bench(
         inputs=lambda c: problems.loss_inputs(c.b, c.t, DTYPES[c.dtype], device),
         build=lambda name, c, inputs: build(name, c.recipe, c.kl, inputs),
         leaf="logp", describe=lambda c: f"{c.recipe} {c.dtype} {c.b}x{c.t}")
     return [Row(**dataclasses.asdict(c), contender=n, ms=ms, peak_extra_bytes=p)
-            for c, n, ms, p in harness.sweep(problem, todo, names, meter, progress)]
+            for c, n, ms, p in harness.sweep(bench, todo, names, meter, progress)]
 
 
 def table(rows: list[Row], names: list[str]) -> str:
@@ -238,22 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     record, rows, names = run_loss(run, dtypes)
     record = {"environment": env, "full": run.full, **record}
+    seconds = {"policy loss": time.perf_counter() - started}
     for part in PARTS:
         if getattr(args, f"skip_{part.flag}"):
             run.skip(f"{part.name} (--skip-{part.flag})")
-        else:
-            record |= part.run(run)
+            continue
+        part_started = time.perf_counter()
+        record |= part.run(run)
+        seconds[part.name] = time.perf_counter() - part_started
 
     tag = ("cuda" if run.on_gpu else "cpu") + ("" if run.full else "-quick")  # only a full run is the record
     json_path, png = args.out_dir / f"bench-{tag}.json", args.out_dir / f"bench-{tag}.png"
     record["skipped"] = run.skipped
     record["seconds"] = round(time.perf_counter() - started, 1)
+    record["seconds_per_part"] = {k: round(v, 1) for k, v in seconds.items()}
     harness.write_json(json_path, record)
     drew = plot(rows, names, png, f"rlloss policy loss, fwd+bwd, {env['kind']}, {env['device']}, {env['date'][:10]}")
     print(f"\nwrote {json_path}" + (f" and {png}" if drew else " (no plot: matplotlib missing)"))
     if run.skipped:
         print("this run left out: " + "; ".join(run.skipped))
-    print(f"took {record['seconds']:.0f} s")
+    print(f"took {record['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return 0
 
 

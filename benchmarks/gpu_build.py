@@ -162,7 +162,6 @@ def compile_one(task: tuple[dict[str, Any], str]) -> tuple[dict[str, Any], bytes
     return row, text
 
 
-
 def compile_child(in_path: str, out_path: str, jobs: int) -> None:
     """Compile every (config, arch) task of ``in_path`` with ``jobs`` processes; rows to ``out_path``."""
     payload = json.loads(Path(in_path).read_text())

@@ -38,7 +38,6 @@ def decode_constexpr(value: Any) -> Any:
     return value
 
 
-
 def capture_child(out_path: str, execute: bool) -> None:
     """Run every scenario under the interpreter and write the specialised launches as JSON."""
     import triton
@@ -106,7 +105,6 @@ def capture_child(out_path: str, execute: bool) -> None:
     }))
 
 
-
 def launched_kernels(package_dir: Path | None = None) -> list[tuple[str, str]]:
     """(module, name) of every ``kernel[grid](...)`` launch written in the kernel sources (by AST).
 
@@ -126,7 +124,6 @@ def launched_kernels(package_dir: Path | None = None) -> list[tuple[str, str]]:
                     and isinstance(node.func.value, ast.Name)):
                 found.add((f"rlloss.kernels.{path.stem}", node.func.value.id))
     return sorted(found)
-
 
 
 def label(config: dict[str, Any]) -> str:

@@ -84,7 +84,6 @@ def _run_child(args: list[str], interpret: bool, timeout: float) -> None:
                            f"{proc.stderr[-8000:]}")
 
 
-
 def capture_configs(*, execute: bool = False, timeout: float = 600) -> dict[str, Any]:
     """The distinct kernel launches of every scenario, specialised as on a GPU (child process).
 

@@ -7,8 +7,11 @@ pulling in another script. The scripts over it say what they measure; this modul
 * ``cpu_peak_bytes`` is the peak of allocations minus frees from the profiler's memory events;
   ``cuda_peak_bytes`` reads ``torch.cuda.max_memory_allocated``.
 * ``measure`` takes median forward, backward and forward+backward times and one step's peak.
-* ``sweep`` measures every contender on every case, one input per case.
-* ``Part`` is one section of ``bench_loss.py``'s report: a module adds itself with one line there.
+* ``sweep`` measures every contender on every case of a ``Bench`` (how a script turns a case into
+  inputs and a contender's name into a loss), the inputs built once per case.
+* ``fixed_table`` and ``aligned_table`` print; ``environment`` and ``write_json`` record.
+* ``Part`` is one section of ``bench_loss.py``'s report, handed the ``Run`` (device, meter, flags,
+  what was skipped): a module adds its section with one entry in ``bench_loss.PARTS``.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def measure(fn: LossFn, x: torch.Tensor, meter: Meter) -> tuple[dict[str, float]
 
 
 @dataclasses.dataclass
-class Problem(Generic[Case]):
+class Bench(Generic[Case]):
     """How a script turns a case into inputs and a contender into a loss: what ``sweep`` needs."""
 
     inputs: Callable[[Case], dict[str, torch.Tensor]]
@@ -152,16 +155,16 @@ class Problem(Generic[Case]):
     describe: Callable[[Case], str] = str
 
 
-def sweep(problem: Problem[Case], cases: Sequence[Case], names: Sequence[str], meter: Meter,
+def sweep(bench: Bench[Case], cases: Sequence[Case], names: Sequence[str], meter: Meter,
           progress: bool = True) -> list[tuple[Case, str, dict[str, float], int]]:
     """(case, contender, median ms per phase, peak extra bytes) for every case and contender."""
     bar = _progress(len(cases) * len(names), progress)
     out = []
     for case in cases:
-        inputs = problem.inputs(case)
+        inputs = bench.inputs(case)
         for name in names:
-            bar.set_description(f"{name} {problem.describe(case)}")
-            ms, peak = measure(problem.build(name, case, inputs), inputs[problem.leaf], meter)
+            bar.set_description(f"{name} {bench.describe(case)}")
+            ms, peak = measure(bench.build(name, case, inputs), inputs[bench.leaf], meter)
             out.append((case, name, ms, peak))
             bar.update(1)
         del inputs
@@ -261,7 +264,7 @@ class Part:
 
     name: str
     run: Callable[[Run], dict[str, Any]]
-    flag: str | None = None  # ``--skip-<flag>`` leaves it out
+    flag: str  # ``--skip-<flag>`` leaves it out
     help: str = ""
 
 
