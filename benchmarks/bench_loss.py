@@ -56,7 +56,6 @@ import harness  # noqa: E402
 import problems  # noqa: E402
 import roofline  # noqa: E402
 from harness import Column, Meter, Part, Run  # noqa: E402
-from rlloss._dispatch import triton_available  # noqa: E402
 from rlloss.recipes import DAPO, DR_GRPO, GRPO, Recipe  # noqa: E402
 
 RECIPES: dict[str, Recipe] = {"GRPO": GRPO, "DAPO": DAPO, "Dr. GRPO": DR_GRPO}
@@ -179,7 +178,7 @@ def plot(rows: list[Row], names: list[str], path: Path, title: str) -> bool:
 
 def run_loss(run: Run, dtypes: list[str]) -> tuple[dict[str, Any], list[Row], list[str]]:
     """The timed policy loss: the sweep and its table."""
-    with_triton = run.on_gpu and triton_available()
+    with_triton = run.on_gpu and harness.triton_version() is not None
     names = contenders(with_triton, with_compile=run.compile)
     if not with_triton:
         why = "triton does not import" if run.on_gpu else "no CUDA device, and interpreter timings would measure " \

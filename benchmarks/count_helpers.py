@@ -35,7 +35,7 @@ from problems import helper_inputs  # noqa: E402
 from traffic import count_torch_ops, tensor_bytes  # noqa: E402
 
 import rlloss  # noqa: E402
-from rlloss._distributed_entropy import top_entropy_mask as global_top_entropy_mask  # noqa: E402
+from rlloss.distributed import top_entropy_mask as global_top_entropy_mask  # noqa: E402
 
 
 def cases(p: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[torch.Tensor]]]:

@@ -268,15 +268,17 @@ class Part:
     help: str = ""
 
 
-def environment(device: torch.device, kind: str) -> dict[str, Any]:
-    """Where and when the figures were taken."""
-    triton_version = None
+def triton_version() -> str | None:
+    """triton's version, or None where it does not import (a broken install counts as absent)."""
     try:
         import triton
+    except Exception:
+        return None
+    return triton.__version__
 
-        triton_version = triton.__version__
-    except Exception:  # no triton: the record says so
-        pass
+
+def environment(device: torch.device, kind: str) -> dict[str, Any]:
+    """Where and when the figures were taken."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -285,7 +287,7 @@ def environment(device: torch.device, kind: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_version(),
         "threads": torch.get_num_threads(),
         "kind": kind,
     }
