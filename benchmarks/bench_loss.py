@@ -143,37 +143,15 @@ def table(rows: list[Row], names: list[str]) -> str:
 
 
 def plot(rows: list[Row], names: list[str], path: Path, title: str) -> bool:
-    """fwd+bwd time against tokens, one line per contender, a panel per dtype and recipe."""
-    try:
-        import matplotlib
+    """fwd+bwd time against tokens, one line per contender, a panel per dtype and recipe as published."""
+    def panel(dtype: str, recipe: str) -> harness.Panel:
+        kl = RECIPES[recipe].beta != 0  # the recipe as published: KL for GRPO only
+        lines = {n: [(r.tokens, r.ms["fwd+bwd"]) for r in rows if (r.contender, r.dtype, r.recipe, r.kl)
+                     == (n, dtype, recipe, kl)] for n in names}
+        return f"{recipe} {'+KL ' if kl else ''}{dtype}", lines
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    dtypes = sorted({r.dtype for r in rows})
-    fig, axes = plt.subplots(len(dtypes), len(RECIPES), figsize=(4 * len(RECIPES), 3.2 * len(dtypes)), squeeze=False)
-    for i, dtype in enumerate(dtypes):
-        for j, recipe in enumerate(RECIPES):
-            ax = axes[i][j]
-            kl = RECIPES[recipe].beta != 0  # the recipe as published: KL for GRPO only
-            for name in names:
-                pts = sorted((r.tokens, r.ms["fwd+bwd"]) for r in rows
-                             if r.contender == name and r.dtype == dtype and r.recipe == recipe and r.kl == kl)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{recipe} {'+KL ' if kl else ''}{dtype}")
-            ax.set_xlabel("tokens (B x T)")
-            ax.set_ylabel("fwd+bwd ms")
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    grid = [[panel(d, r) for r in RECIPES] for d in sorted({r.dtype for r in rows})]
+    return harness.plot_grid(grid, path, title, "tokens (B x T)", "fwd+bwd ms")
 
 
 def run_loss(run: Run, dtypes: list[str]) -> tuple[dict[str, Any], list[Row], list[str]]:

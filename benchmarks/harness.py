@@ -9,7 +9,7 @@ pulling in another script. The scripts over it say what they measure; this modul
 * ``measure`` takes median forward, backward and forward+backward times and one step's peak.
 * ``sweep`` measures every contender on every case of a ``Bench`` (how a script turns a case into
   inputs and a contender's name into a loss), the inputs built once per case.
-* ``fixed_table`` and ``aligned_table`` print; ``environment`` and ``write_json`` record.
+* ``fixed_table`` and ``aligned_table`` print, ``plot_grid`` draws; ``environment`` and ``write_json`` record.
 * ``Part`` is one section of ``bench_loss.py``'s report, handed the ``Run`` (device, meter, flags,
   what was skipped): a module adds its section with one entry in ``bench_loss.PARTS``.
 """
@@ -231,6 +231,40 @@ def aligned_table(head: Sequence[str], body: Sequence[Sequence[str]], align: Seq
     """Columns as wide as their widest cell, ``align`` one of ``<`` / ``>`` per column."""
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     return "\n".join(sep.join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)) for line in [head, *body])
+
+
+Panel = tuple[str, dict[str, list[tuple[float, float]]]]  # a title, and (x, y) points per line label
+
+
+def plot_grid(grid: Sequence[Sequence[Panel]], path: Path, title: str, xlabel: str, ylabel: str) -> bool:
+    """Log-log line plots, a panel per cell of ``grid``, the legend in the first; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows, cols = len(grid), max(len(row) for row in grid)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for i, row in enumerate(grid):
+        for j, (panel_title, lines) in enumerate(row):
+            ax = axes[i][j]
+            for label, points in lines.items():
+                if points:
+                    ax.plot(*zip(*sorted(points)), marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(panel_title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # --- the run's context and the JSON record -----------------------------------------------------
