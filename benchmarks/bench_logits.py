@@ -102,8 +102,8 @@ class LogitsRow:
 def sweep(names: list[str], sizes: tuple[tuple[int, int], ...], device: torch.device, meter: harness.Meter,
           progress: bool = False) -> list[LogitsRow]:
     bench = harness.Bench(inputs=lambda size: problems.logits_inputs(*size, device),
-                              build=lambda name, _, inputs: build(name, inputs), leaf="logits",
-                              describe=lambda size: f"from logits {size[0]}x{size[1]}")
+                          build=lambda name, _, inputs: build(name, inputs), leaf="logits",
+                          describe=lambda size: f"from logits {size[0]}x{size[1]}")
     return [LogitsRow(tokens, vocab, name, ms, peak)
             for (tokens, vocab), name, ms, peak in harness.sweep(bench, sizes, names, meter, progress)]
 
