@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 import rlloss
+from harness import Part, Run, cpu_peak_bytes
 
 V_MODEL, H_MODEL = 151936, 3584
 N_MODEL = (16384, 65536)
@@ -140,8 +141,6 @@ def _fixed_and_elements(name: str, n: int, v: int, h: int) -> tuple[float, float
 
 def measure_cpu(names: tuple[str, ...], size: tuple[int, int, int], reps: int) -> dict[str, dict[str, Any]]:
     """Median fwd+bwd time and peak extra memory of each torch contender at ``size`` (measured CPU)."""
-    from bench_loss import cpu_peak_bytes
-
     inputs = make_inputs(*size)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -270,6 +269,14 @@ def report(quick: bool = False, reps: int = 3) -> dict[str, Any]:
                               for n, c in counted.items()},
         "model": {"peak_flops": PEAK_FLOPS, "peak_bytes_per_s": PEAK_BYTES, "V": V_MODEL, "H": H_MODEL},
     }
+
+
+def run_part(run: Run) -> dict[str, Any]:
+    """``bench_loss.py``'s part: the from-hidden-states section (measured CPU at a small size, modelled at large)."""
+    return {"hidden": report(quick=run.quick)}
+
+
+PART = Part("the from-hidden-states problem", run_part, flag="hidden", help="leave out the from-hidden-states problem")
 
 
 def main() -> int:

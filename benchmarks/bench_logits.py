@@ -12,14 +12,17 @@ bytes to the GPU sizes in proportion to tokens x vocabulary (the logits dominate
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+import harness
+import problems
 import rlloss
+from harness import Column, Part, Run
+from roofline import HBM_BYTES_PER_S, LAUNCH_US
+from traffic import count_torch_ops, count_triton, interpreter_active
 
-T_ROW = 1024  # tokens per sequence; B = tokens / T_ROW
 CPU_SIZES = ((4096, 32768),)
 GPU_SIZES = tuple((n, v) for v in (32768, 151936) for n in (4096, 16384, 65536))
 QUICK_SIZES = ((256, 4096),)
@@ -27,47 +30,23 @@ COUNT_SIZE = (2, 128, 4096)  # B, T, V for the counted section
 LOSS_OPTIONS = {"eps_low": 0.2, "eps_high": 0.28, "aggregation": "token_mean"}  # DAPO
 
 
-def make_inputs(tokens: int, vocab: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    b = max(tokens // T_ROW, 1)
-    t = tokens // b
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(b, t, vocab, generator=gen, dtype=torch.bfloat16) * 2).to(device)
-    ids = torch.randint(0, vocab, (b, t), generator=gen).to(device)
-    with torch.no_grad():
-        old = rlloss.token_logprobs(logits, ids, backend="torch") + 0.05 * torch.randn(b, t, generator=gen).to(device)
-    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen).to(device)
-    return {"logits": logits, "ids": ids, "old_logp": old, "adv": torch.randn(b, generator=gen).to(device),
-            "mask": torch.arange(t, device=device)[None, :] < lengths[:, None]}
-
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def build(name: str, inputs: dict[str, torch.Tensor]) -> LossFn:
+def build(name: str, inputs: dict[str, torch.Tensor], *, compile: bool = True) -> harness.LossFn:
+    """The loss of contender ``name`` as a function of the logits; ``compile=False`` runs the
+    compile contender's computation uncompiled."""
     args = (inputs["ids"], inputs["old_logp"], inputs["adv"], inputs["mask"])
     if name in ("eager", "rlloss-triton"):
         backend = "torch" if name == "eager" else "triton"
         return lambda logits: rlloss.policy_loss_from_logits(logits, *args, backend=backend, **LOSS_OPTIONS).loss
     if name == "compile":
-        from rlloss.logits import _token_logprobs_torch
-        from rlloss.loss import _policy_loss_torch
-
-        from bench_loss import reference_args
-
-        loss_args = reference_args(LOSS_OPTIONS)
-
-        def reference(logits, ids, old, adv, mask):
-            logp, _ = _token_logprobs_torch(logits, ids, 1.0, False)
-            return _policy_loss_torch(logp, old, adv, mask, *loss_args).loss
-
-        compiled = torch.compile(reference, fullgraph=True)
-        return lambda logits: compiled(logits, *args)
+        reference = problems.logits_reference(LOSS_OPTIONS)
+        step = torch.compile(reference, fullgraph=True) if compile else reference
+        return lambda logits: step(logits, *args)
     if name == "liger-triton":
         return liger_loss(inputs)
     raise ValueError(f"unknown contender {name!r}")
 
 
-def liger_loss(inputs: dict[str, torch.Tensor]) -> LossFn:
+def liger_loss(inputs: dict[str, torch.Tensor]) -> harness.LossFn:
     """Liger-Kernel's Triton GRPO loss with the same objective (DAPO's clip, token mean, no KL).
 
     Liger takes ``[B, T+1, V]`` logits (a causal LM's output before the shift), so one position is
@@ -90,8 +69,10 @@ def liger_loss(inputs: dict[str, torch.Tensor]) -> LossFn:
     return loss
 
 
-def contenders(on_gpu: bool, with_compile: bool) -> list[str]:
+def contenders(on_gpu: bool, with_compile: bool, skipped: list[str] | None = None) -> list[str]:
+    """The contenders this machine runs; what it cannot run is printed and added to ``skipped``."""
     names = ["eager"] + (["compile"] if with_compile else [])
+    left = why = None
     if on_gpu:
         names.append("rlloss-triton")
         try:
@@ -99,9 +80,13 @@ def contenders(on_gpu: bool, with_compile: bool) -> list[str]:
 
             names.append("liger-triton")
         except ImportError:
-            print("from logits: liger-triton skipped: liger_kernel is not installed")
+            left, why = "liger-triton", "liger_kernel is not installed"
     else:
-        print("from logits: rlloss-triton and liger-triton skipped: no CUDA device")
+        left, why = "rlloss-triton and liger-triton", "no CUDA device"
+    if left:
+        print(f"from logits: {left} skipped: {why}")
+        if skipped is not None:
+            skipped.append(f"from logits: {left} ({why})")
     return names
 
 
@@ -114,36 +99,29 @@ class LogitsRow:
     peak_extra_bytes: int
 
 
-def sweep(names: list[str], sizes: tuple[tuple[int, int], ...], device: torch.device, measure: Callable[..., Any],
-          clock: Any, peak: Callable[..., int], reps: int, warmup: int) -> list[LogitsRow]:
-    rows = []
-    for tokens, vocab in sizes:
-        inputs = make_inputs(tokens, vocab, device)
-        for name in names:
-            ms, peak_bytes = measure(build(name, inputs), inputs["logits"], clock, peak, reps, warmup)
-            rows.append(LogitsRow(tokens, vocab, name, ms, peak_bytes))
-        del inputs
-    return rows
+def sweep(names: list[str], sizes: tuple[tuple[int, int], ...], device: torch.device, meter: harness.Meter,
+          progress: bool = False) -> list[LogitsRow]:
+    bench = harness.Bench(inputs=lambda size: problems.logits_inputs(*size, device),
+                          build=lambda name, _, inputs: build(name, inputs), leaf="logits",
+                          describe=lambda size: f"from logits {size[0]}x{size[1]}")
+    return [LogitsRow(tokens, vocab, name, ms, peak)
+            for (tokens, vocab), name, ms, peak in harness.sweep(bench, sizes, names, meter, progress)]
 
 
 def table(rows: list[LogitsRow]) -> str:
     base = {(r.tokens, r.vocab): r.ms["fwd+bwd"] for r in rows if r.contender == "eager"}
-    head = f"{'tokens':>8}{'V':>8}{'contender':>15}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'x eager':>9}{'peak MiB':>10}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.tokens:>8}{r.vocab:>8}{r.contender:>15}{r.ms['fwd']:>10.1f}{r.ms['bwd']:>10.1f}"
-                     f"{r.ms['fwd+bwd']:>10.1f}{base[(r.tokens, r.vocab)] / r.ms['fwd+bwd']:>9.2f}"
-                     f"{r.peak_extra_bytes / 2**20:>10.1f}")
-    return "\n".join(lines)
+    columns = [Column("tokens", ">8"), Column("V", ">8"), Column("contender", ">15"), Column("fwd ms", ">10.1f"),
+               Column("bwd ms", ">10.1f"), Column("f+b ms", ">10.1f"), Column("x eager", ">9.2f"),
+               Column("peak MiB", ">10.1f")]
+    return harness.fixed_table(columns, [
+        (r.tokens, r.vocab, r.contender, r.ms["fwd"], r.ms["bwd"], r.ms["fwd+bwd"],
+         base[(r.tokens, r.vocab)] / r.ms["fwd+bwd"], r.peak_extra_bytes / 2**20) for r in rows])
 
 
 def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str, Any]:
     """Count launches and bytes of forward+backward at COUNT_SIZE; model the H100 at ``target``."""
-    from roofline import HBM_BYTES_PER_S, LAUNCH_US
-    from traffic import count_torch_ops, count_triton, interpreter_active
-
     b, t, v = COUNT_SIZE
-    inputs = make_inputs(b * t, v, torch.device("cpu"))
+    inputs = problems.logits_inputs(b * t, v, torch.device("cpu"))
     logits = inputs["logits"]
     # the least any backend can move: the logits read once, d/dlogits written once, the small inputs once
     small = sum(x.numel() * x.element_size() for k, x in inputs.items() if k != "logits")
@@ -178,3 +156,22 @@ def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str,
         print(f"{row['contender']:>15}{row['launches']:>10}{row['bytes']:>14,}{row['x_min']:>8.2f}{row['modelled_ms']:>10.2f}")
     out["target"] = list(target)
     return out
+
+
+def time_and_count(run: Run) -> dict[str, Any]:
+    """``bench_loss.py``'s part: the timed from-logits table, then the counted and modelled section."""
+    names = contenders(run.on_gpu, with_compile=run.compile, skipped=run.skipped)
+    sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES
+    meter = run.meter.with_reps(run.meter.reps if run.on_gpu else min(run.meter.reps, 3), warmup=1)
+    rows = sweep(names, sizes, run.device, meter)
+    print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {meter.reps} runs after 1 warm-up; {meter.clock.label}")
+    print(table(rows))
+    record: dict[str, Any] = {"logits_rows": [dataclasses.asdict(r) for r in rows]}
+    if run.model:
+        record["logits_model"] = counted_and_modelled()
+    else:
+        run.skip("from logits: the counted and modelled section (--skip-model)")
+    return record
+
+
+PART = Part("the from-logits problem", time_and_count, flag="logits", help="leave out the from-logits problem")

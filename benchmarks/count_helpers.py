@@ -30,34 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness import aligned_table  # noqa: E402
+from problems import helper_inputs  # noqa: E402
 from traffic import count_torch_ops, tensor_bytes  # noqa: E402
 
 import rlloss  # noqa: E402
-from rlloss._distributed_entropy import top_entropy_mask as global_top_entropy_mask  # noqa: E402
-
-
-def problem(b: int, t: int, group: int, seed: int = 0) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(seed)
-    old = -torch.rand(b, t, generator=gen) * 3
-    lengths = torch.randint(max(t // 4, 1), t + 1, (b,), generator=gen)
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    token_rewards = torch.zeros(b, t)
-    token_rewards[torch.arange(b), lengths - 1] = torch.randint(0, 2, (b,), generator=gen).float()
-    return {
-        "old": old,
-        "sampling": old + 0.05 * torch.randn(b, t, generator=gen),
-        "logp": old + 0.05 * torch.randn(b, t, generator=gen),
-        "entropy": torch.rand(b, t, generator=gen) * 4,
-        "mask": mask,
-        "adv": torch.randn(b, generator=gen),
-        "scores": torch.randint(0, 2, (b,), generator=gen).float(),
-        "scores_k": torch.rand(3, b, generator=gen),
-        "ids": torch.arange(b) // group,
-        "token_rewards": token_rewards,
-        "sum_pi_squared": torch.rand(b, t, generator=gen),
-        "baseline": torch.rand(b, generator=gen),
-        "group": group,
-    }
+from rlloss.distributed import top_entropy_mask as global_top_entropy_mask  # noqa: E402
 
 
 def cases(p: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[torch.Tensor]]]:
@@ -112,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--group must divide --b")
 
     started = time.perf_counter()
-    p = problem(args.b, args.t, args.group)
+    p = helper_inputs(args.b, args.t, args.group)
     rows = []
     for name, call, inputs in cases(p):
         call()  # once outside the count (no first-call effects in eager torch, but keep it honest)
@@ -128,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ("function", "launches", "syncs", "MiB moved", "minimum MiB", "ratio")
     body = [(r["function"], str(r["launches"]), str(r["syncs"]), _mib(r["bytes"]), _mib(r["minimum_bytes"]),
              f"{r['ratio']:.1f}x") for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    align = ["<", ">", ">", ">", ">", ">"]
-    for line in [head, *body]:
-        print("  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)))
+    print(aligned_table(head, body, ["<", ">", ">", ">", ">", ">"]))
     print(f"(minimum: each input read once as stored, the output written once; counted in {elapsed:.1f} s)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,18 @@ from typing import Any
 
 import torch
 
+from harness import Part, Run
+from problems import make_problem
+from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO
+from traffic import count_backend, interpreter_active, minimum_bytes
+
 HBM_BYTES_PER_S = 3.0e12
 LAUNCH_US = 4.0
 LAUNCH_US_RANGE = (2.0, 10.0)
 MODEL_SIZE = (64, 16384)  # 1,048,576 tokens
+# The default run counts rows of the same length, fewer of them: the interpreter's cost grows with
+# the tokens (about 30 s of CPU per fused count at 1M tokens, 8 counts), the per-row work does not.
+DEFAULT_SIZE = (8, 16384)  # 131,072 tokens
 QUICK_SIZE = (8, 256)
 BACKENDS = ("trl-inline", "torch", "triton")
 LABEL = {"trl-inline": "trl-inline", "torch": "rlloss-torch", "triton": "rlloss-triton"}
@@ -56,9 +64,6 @@ class ModelRow:
 
 def count_all(b: int, t: int) -> tuple[list[ModelRow], list[str]]:
     """Counted forward+backward for every recipe, dtype and backend; and what was skipped."""
-    from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO
-    from traffic import count_backend, interpreter_active, make_problem, minimum_bytes
-
     rows, skipped = [], []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         problem = make_problem(b, t, dtype, "cpu", mask="prefix")
@@ -94,9 +99,9 @@ def table(rows: list[ModelRow]) -> str:
     return "\n".join(lines)
 
 
-def report(quick: bool = False) -> dict[str, Any]:
+def report(quick: bool = False, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Count, model, print; return everything for the JSON record."""
-    b, t = QUICK_SIZE if quick else MODEL_SIZE
+    b, t = size or (QUICK_SIZE if quick else MODEL_SIZE)
     print(f"\ncounted forward+backward at B x T = {b}x{t} ({b * t:,} tokens), prefix-padded masks: launches and bytes "
           "(aten ops via TorchDispatchMode; Triton interpreter loads and stores: lanes outside a load's row bounds move "
           "nothing, masked tokens inside a row are loaded, as a GPU's sectors would be)")
@@ -121,3 +126,17 @@ def report(quick: bool = False) -> dict[str, Any]:
         "rows": [dataclasses.asdict(r) | {"modelled_us": r.us} for r in rows],
         "skipped": skipped,
     }
+
+
+def count_and_model(run: Run) -> dict[str, Any]:
+    """``bench_loss.py``'s part: the counted traffic and the modelled time, for the JSON record."""
+    # without the interpreter (a CUDA run) only the cheap eager paths are counted: the full size
+    size = QUICK_SIZE if run.quick else MODEL_SIZE if run.full or not interpreter_active() else DEFAULT_SIZE
+    if size != MODEL_SIZE:
+        run.skip(f"counted traffic at {MODEL_SIZE[0]}x{MODEL_SIZE[1]} ({MODEL_SIZE[0] * MODEL_SIZE[1]:,} tokens): counted "
+                 f"and modelled at {size[0]}x{size[1]} instead (--full counts the full size)")
+    return {"model": report(size=size)}
+
+
+PART = Part("counted traffic and the roofline model", count_and_model, flag="model",
+            help="leave out the counted traffic and the roofline model")

@@ -54,6 +54,11 @@ from typing import Any  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import aligned_table  # noqa: E402
+from problems import make_problem, rlloss_loss, trl_loss  # noqa: E402
+
 METHOD = "counted (aten ops via TorchDispatchMode; Triton interpreter loads/stores)"
 
 # Ops that allocate without computing: no kernel runs, no byte moves.
@@ -315,49 +320,7 @@ def count_triton(fn: Callable[[], Any]) -> Counts:
 
 
 # ---------------------------------------------------------------------------------------------
-# problems, recipes, minimum traffic
-
-
-@dataclasses.dataclass
-class Problem:
-    """Inputs of ``policy_loss``; ``tests/strategies.LossProblem`` has the same fields."""
-
-    logp: torch.Tensor
-    old_logp: torch.Tensor | None
-    adv: torch.Tensor
-    mask: torch.Tensor
-    ref_logp: torch.Tensor
-
-
-def make_problem(b: int, t: int, dtype: torch.dtype, device: torch.device | str = "cpu", *, mask: str = "full",
-                 seed: int = 0) -> Problem:
-    """Synthetic rollout: log-probs in ``dtype``, ``[B]`` advantages in ``dtype``, a bool mask.
-
-    ``mask="full"``: every token valid (no masked lane saves the fused kernels anything);
-    ``"prefix"``: right padding with lengths uniform in ``[T/4, T]``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    old = -torch.rand(b, t, generator=gen) * 3
-    logp = old + 0.05 * torch.randn(b, t, generator=gen)
-    ref = old + 0.05 * torch.randn(b, t, generator=gen)
-    adv = torch.randn(b, generator=gen)
-    if mask == "full":
-        m = torch.ones(b, t, dtype=torch.bool)
-    elif mask == "prefix":
-        lengths = torch.randint(max(t // 4, 1), t + 1, (b,), generator=gen)
-        m = torch.arange(t)[None, :] < lengths[:, None]
-    else:
-        raise ValueError(f"mask must be 'full' or 'prefix', got {mask!r}")
-
-    def put(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=device, dtype=dtype)
-
-    return Problem(put(logp).requires_grad_(True), put(old), put(adv), m.to(device), put(ref))
-
-
-def recipe_kwargs(recipe: Any, t: int) -> dict[str, Any]:
-    """What ``policy_loss`` needs beyond the recipe's preset: ``max_tokens`` for Dr. GRPO."""
-    return {"max_tokens": t} if recipe.aggregation == "constant" else {}
+# minimum traffic, a counted step
 
 
 def minimum_bytes(problem: Any, recipe: Any) -> int:
@@ -389,46 +352,15 @@ def fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], problem: Any) -> Ca
     return step
 
 
-def rlloss_loss(problem: Any, recipe: Any, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    import rlloss
-
-    kw = recipe_kwargs(recipe, problem.logp.shape[1])
-    if recipe.beta != 0:
-        kw["ref_logp"] = problem.ref_logp
-
-    def loss_fn(logp: torch.Tensor) -> torch.Tensor:
-        return rlloss.policy_loss(logp, problem.old_logp, problem.adv, problem.mask, backend=backend,
-                                  **recipe.loss_kwargs(), **kw).loss
-
-    return loss_fn
-
-
-def trl_loss(problem: Any, recipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from trl_inline import trl_grpo_loss
-
-    loss_type = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "constant": "dr_grpo"}[recipe.aggregation]
-    t = problem.logp.shape[1]
-
-    def loss_fn(logp: torch.Tensor) -> torch.Tensor:
-        return trl_grpo_loss(logp, problem.old_logp, problem.adv, problem.mask, loss_type=loss_type,
-                             eps_low=recipe.eps_low, eps_high=recipe.eps_high, beta=recipe.beta,
-                             ref_logp=problem.ref_logp if recipe.beta != 0 else None, max_completion_length=t,
-                             level=recipe.level)
-
-    return loss_fn
-
-
 BACKENDS = ("torch", "triton", "trl-inline")
 
 
 def count_backend(problem: Any, recipe: Any, backend: str) -> Counts:
     """Counted forward + backward of one backend on one problem."""
+    tensors = (problem.old_logp, problem.adv, problem.mask, problem.ref_logp)
     if backend == "trl-inline":
-        return count_torch_ops(fwd_bwd(trl_loss(problem, recipe), problem))
-    step = fwd_bwd(rlloss_loss(problem, recipe, backend), problem)
+        return count_torch_ops(fwd_bwd(trl_loss(*tensors, recipe), problem))
+    step = fwd_bwd(rlloss_loss(*tensors, recipe, backend), problem)
     return count_triton(step) if backend == "triton" else count_torch_ops(step)
 
 
@@ -479,10 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ("recipe", "dtype", "backend", "launches", "syncs", "bytes moved", "minimum bytes", "ratio")
     body = [(r["recipe"], r["dtype"], r["backend"], str(r["launches"]), str(r["syncs"]), _fmt_bytes(r["bytes"]),
              _fmt_bytes(r["minimum_bytes"]), f"{r['ratio']:.2f}x") for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    align = ["<", "<", "<", ">", ">", ">", ">", ">"]
-    for line in [head, *body]:
-        print("  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)))
+    print(aligned_table(head, body, ["<", "<", "<", ">", ">", ">", ">", ">"]))
     print(f"(minimum: each input read once, the gradient written once, the fp32 loss; counted in {elapsed:.1f} s)")
     if not interp:
         print(f"triton backend not counted: {NO_INTERPRETER}")

@@ -20,6 +20,8 @@ from helpers import DEVICE, assert_close, triton_runs_here
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_loss  # noqa: E402
+import harness  # noqa: E402
+import problems  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs triton wit
 @pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))
 @pytest.mark.parametrize("kl", [False, True])
 def test_contenders_compute_the_same_loss_and_gradient(recipe, kl):
-    inputs = bench_loss.make_inputs(4, 33, torch.float32, DEVICE)
+    inputs = problems.loss_inputs(4, 33, torch.float32, DEVICE)
     results = {}
     for name in (bench_loss.BASELINE, "rlloss-torch", "rlloss-triton"):
         leaf = inputs["logp"].detach().clone().requires_grad_(True)
@@ -41,10 +43,11 @@ def test_contenders_compute_the_same_loss_and_gradient(recipe, kl):
 
 
 def test_sweep_with_the_triton_contender_at_a_tiny_size():
-    names = bench_loss.contenders(DEVICE, with_triton=True, with_compile=False)
+    names = bench_loss.contenders(with_triton=True, with_compile=False)
     assert names[0] == bench_loss.BASELINE and "rlloss-triton" in names
-    rows = bench_loss.sweep(names, ((2, 16),), ["fp32", "bf16"], DEVICE, bench_loss.CpuClock(),
-                            bench_loss.cpu_peak_bytes, reps=1, warmup=0, progress=False)
+    meter = harness.Meter(harness.CpuClock(), harness.cpu_peak_bytes, reps=1, warmup=0)
+    rows = bench_loss.sweep(names, bench_loss.cases(((2, 16),), ["fp32", "bf16"], full=True), DEVICE, meter,
+                            progress=False)
     assert len(rows) == len(names) * len(bench_loss.RECIPES) * 2 * 2
     for row in rows:
         assert set(row.ms) == set(bench_loss.PHASES)
@@ -72,16 +75,43 @@ def test_main_writes_the_record_and_the_plot(tmp_path):
 def test_the_compiled_contender_computes_the_reference(recipe, kl):
     """The compile contender calls the reference past validation with positional arguments: they must
     still be the ones policy_loss passes (checked uncompiled: compiling takes minutes on 2 cores)."""
-    from rlloss.loss import _policy_loss_torch
-
-    inputs = bench_loss.make_inputs(3, 17, torch.float32, DEVICE)
-    preset, _ = bench_loss.RECIPES[recipe]
-    kw = {**preset.loss_kwargs(), "beta": bench_loss.KL_BETA if kl else 0.0}
-    if kl:
-        kw["ref_logp"] = inputs["ref_logp"]
-    if preset.aggregation == "constant":
-        kw["max_tokens"] = 17
-    direct = _policy_loss_torch(inputs["logp"], inputs["old_logp"], inputs["adv"], inputs["mask"],
-                                *bench_loss.reference_args(kw)).loss
+    inputs = problems.loss_inputs(3, 17, torch.float32, DEVICE)
+    direct = bench_loss.build("rlloss-compile", recipe, kl, inputs, compile=False)(inputs["logp"])
     public = bench_loss.build("rlloss-torch", recipe, kl, inputs)(inputs["logp"])
     assert torch.equal(direct, public)
+
+
+def test_the_compiled_logits_contender_computes_the_reference():
+    """The from-logits compile contender calls the references past validation: uncompiled, it must
+    give what the public ``policy_loss_from_logits`` gives."""
+    import bench_logits
+
+    inputs = problems.logits_inputs(48, 256, DEVICE)
+    direct = bench_logits.build("compile", inputs, compile=False)(inputs["logits"])
+    public = bench_logits.build("eager", inputs)(inputs["logits"])
+    assert torch.equal(direct, public)
+
+
+def test_the_benchmark_modules_import_without_a_cycle():
+    """Each script imports the shared modules (harness, problems, ...), never one that imports it back."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    local = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        graph[path.stem] = names & local
+    for script in ("bench_loss", "bench_logits"):
+        assert {"harness", "problems"} <= graph[script], (script, graph[script])
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, f"modules in an import cycle: {cycles}: {graph}"

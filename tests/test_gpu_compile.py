@@ -1,9 +1,10 @@
 """Every Triton kernel compiles for sm_80 and sm_90a, in the configurations the dispatcher launches,
 with no spills and no atomics: checked in the machine code, on the CPU, without a GPU.
 
-``benchmarks/gpu_compile.py`` captures the launches of the public functions (in a child process
-under Triton's interpreter), compiles each distinct specialisation for both targets (in another
-child process, without it) and reads the cubins. This module runs that once and asserts:
+``benchmarks/gpu_compile.py`` captures the launches of the public functions (``gpu_capture.py``, in a
+child process under Triton's interpreter), compiles each distinct specialisation for both targets
+(``gpu_build.py``, in another child process, without it) and reads the cubins (``gpu_sass.py``).
+This module runs that once and asserts:
 
 * every scenario ran and every kernel launched in the sources was captured;
 * every configuration compiled for both targets, and the cubin is for the target asked;
@@ -11,10 +12,10 @@ child process, without it) and reads the cubins. This module runs that once and 
   ``RED*`` in SASS; ``atom``/``red`` in PTX): the determinism promise, in the machine code;
 * the readers of the machine code see what they look for: an atomic in a probe kernel, spills
   in a register-hungry probe kernel (256 live values per thread), uncapped and under a register
-  cap; the probes live in ``gpu_compile.py``, independent of the library's kernels;
+  cap; the probes live in ``gpu_build.py``, independent of the library's kernels;
 * 128-bit global loads where the elementwise kernels read contiguous fp32 inputs, and in every
   configuration of the token-streaming kernels (policy-loss forward, GSPO row ratio, masked sum),
-  as many ``LDG.128`` as ``gpu_compile.expected_vector_loads`` works out for the per-token float
+  as many ``LDG.128`` as ``gpu_loads.expected_vector_loads`` works out for the per-token float
   inputs it really reads.
 
 triton is a dev dependency: without it this module fails, it does not skip.
@@ -37,7 +38,9 @@ except ImportError as exc:  # a failure, not a skip: CI must compile the kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import gpu_build  # noqa: E402
 import gpu_compile  # noqa: E402
+import gpu_loads  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90a")
 
@@ -46,7 +49,7 @@ ARCHS = ("sm_80", "sm_90a")
 def result() -> dict:
     captured = gpu_compile.capture_configs()
     assert not captured["failures"], f"scenarios failed under the interpreter: {captured['failures']}"
-    probes = gpu_compile.probe_configs()
+    probes = gpu_build.probe_configs()
     rows = gpu_compile.compile_configs(captured["configs"] + probes, ARCHS)
     ids = {c["id"] for c in captured["configs"]}
     return {**captured, "rows": [r for r in rows if r["id"] in ids], "probes": [r for r in rows if r["id"] < 0]}
@@ -60,7 +63,7 @@ def test_every_launched_kernel_is_captured(result):
     launched = {tuple(k) for k in result["launched_in_source"]}
     assert len(launched) >= 10, f"found only {sorted(launched)} in the kernel sources"
     assert not result["not_captured"], (
-        f"kernels launched in the sources but by no scenario of benchmarks/gpu_compile.py: {result['not_captured']}"
+        f"kernels launched in the sources but by no scenario of benchmarks/gpu_scenarios.py: {result['not_captured']}"
     )
 
 
@@ -90,8 +93,8 @@ def test_no_atomics(result):
 def test_the_checks_see_atomics_and_spills(result):
     """The probes: otherwise a broken reader of the machine code would pass the two tests above."""
     probes = {(r["config"], r["arch"]): r for r in result["probes"]}
-    cap = gpu_compile.SPILL_PROBE_MAXNREG
-    assert len(probes) == len(gpu_compile.probe_configs()) * len(ARCHS)
+    cap = gpu_build.SPILL_PROBE_MAXNREG
+    assert len(probes) == len(gpu_build.probe_configs()) * len(ARCHS)
     for arch in ARCHS:
         atomic = probes[("probe: tl.atomic_add", arch)]
         assert atomic["ok"], atomic.get("error")
@@ -111,7 +114,7 @@ def _contiguous_fp32(result, kernel: str) -> list[dict]:
     """Rows of ``kernel`` whose configuration reads contiguous, aligned fp32 token data."""
     configs = {c["id"]: c for c in result["configs"]}
     rows = [r for r in result["rows"] if r["kernel"] == kernel and r["ok"]]
-    picked = [r for r in rows if gpu_compile.is_aligned(configs[r["id"]])
+    picked = [r for r in rows if gpu_loads.is_aligned(configs[r["id"]])
               and next(iter(configs[r["id"]]["signature"].values())) == "*fp32"]
     assert picked, f"no contiguous fp32 configuration of {kernel} was captured"
     return picked
@@ -149,14 +152,14 @@ def test_token_read_model():
                 "attrs": [[[names.index(n)], [["tt.divisibility", 16]]] for n in div]}
 
     grpo = ("HAS_OLD", "HAS_REF", "ADD_KL", "WRITE_GRAD", "WRITE_PARTIALS")
-    assert gpu_compile.expected_vector_loads(config(grpo)) == {"logp_ptr": 1, "old_ptr": 1, "ref_ptr": 1}
-    assert gpu_compile.expected_vector_loads(config(grpo, logp_ptr="*fp32"))["logp_ptr"] == 2
-    assert gpu_compile.expected_vector_loads(config(("HAS_OLD", "SEQ_LEVEL", "WRITE_GRAD", "WRITE_PARTIALS"))) == {}
-    assert gpu_compile.expected_vector_loads(config(("HAS_OLD", "SEQ_LEVEL", "HAS_REF", "WRITE_PARTIALS"))) == {
+    assert gpu_loads.expected_vector_loads(config(grpo)) == {"logp_ptr": 1, "old_ptr": 1, "ref_ptr": 1}
+    assert gpu_loads.expected_vector_loads(config(grpo, logp_ptr="*fp32"))["logp_ptr"] == 2
+    assert gpu_loads.expected_vector_loads(config(("HAS_OLD", "SEQ_LEVEL", "WRITE_GRAD", "WRITE_PARTIALS"))) == {}
+    assert gpu_loads.expected_vector_loads(config(("HAS_OLD", "SEQ_LEVEL", "HAS_REF", "WRITE_PARTIALS"))) == {
         "logp_ptr": 1, "ref_ptr": 1}
-    assert gpu_compile.expected_vector_loads(config(("HAS_OLD", "ADV_PER_TOKEN", "SEQ_LEVEL", "WRITE_GRAD"))) == {
+    assert gpu_loads.expected_vector_loads(config(("HAS_OLD", "ADV_PER_TOKEN", "SEQ_LEVEL", "WRITE_GRAD"))) == {
         "adv_ptr": 2}
-    assert set(gpu_compile.expected_vector_loads(config(grpo, t_divisible=False)).values()) == {0}
+    assert set(gpu_loads.expected_vector_loads(config(grpo, t_divisible=False)).values()) == {0}
 
 
 TOKEN_KERNELS = ["_policy_loss_fwd_kernel", "_row_log_ratio_kernel", "_masked_sum_kernel"]
@@ -165,12 +168,12 @@ TOKEN_KERNELS = ["_policy_loss_fwd_kernel", "_row_log_ratio_kernel", "_masked_su
 @pytest.mark.parametrize("kernel", TOKEN_KERNELS)
 def test_token_kernels_use_128_bit_loads(result, kernel):
     """Every configuration that reads contiguous, aligned per-token float data takes at least the
-    ``LDG.128`` of ``gpu_compile.expected_vector_loads``: 2 per fp32 input and 1 per bf16/fp16 input
+    ``LDG.128`` of ``gpu_loads.expected_vector_loads``: 2 per fp32 input and 1 per bf16/fp16 input
     at 8 elements per thread (1 per fp32 input at 4). Configurations reading no token data (GSPO
     without ref_logp reads only the mask and the row stats) or none that can be proved aligned
     (ragged rows) expect none."""
     configs = {c["id"]: c for c in result["configs"] if c["kernel"] == kernel}
-    expected = {i: gpu_compile.expected_vector_loads(c) for i, c in configs.items()}
+    expected = {i: gpu_loads.expected_vector_loads(c) for i, c in configs.items()}
     checked = [r for r in result["rows"] if r["id"] in configs and r["ok"] and sum(expected[r["id"]].values())]
     # the covering set must exercise the promise: fp32 configurations, and 16-bit ones for the 1024 blocks
     dtypes = {configs[r["id"]]["signature"][p] for r in checked for p, n in expected[r["id"]].items() if n}

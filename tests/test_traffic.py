@@ -20,14 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import harness  # noqa: E402
 import traffic  # noqa: E402
-from rlloss._dispatch import interpreter_enabled, triton_available  # noqa: E402
 from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO  # noqa: E402
 from strategies import make_problem  # noqa: E402
 
-if not triton_available():
+if harness.triton_version() is None:
     SKIP_REASON = "triton does not import here: there is no Triton path to count"
-elif not interpreter_enabled():
+elif not traffic.interpreter_active():
     SKIP_REASON = ("TRITON_INTERPRET=1 is not set (a CUDA run): Triton launches and bytes are counted by "
                    "instrumenting Triton's interpreter, and compiled CUDA kernels cannot be instrumented that way")
 else:
