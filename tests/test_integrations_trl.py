@@ -194,7 +194,8 @@ def test_compute_loss_matches_trl_with_triton(checkpoint, tmp_path, case):
 HIDDEN_CASES = {
     **{f"{lt}-beta{beta}": (dict(loss_type=lt, beta=beta), {}, {})
        for lt in ("grpo", "dapo", "dr_grpo", "bnpo") for beta in (0.0, 0.1)},
-    "grpo-temperature-nobias": (dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False, temperature=0.7), {}, {}),
+    "grpo-temperature-nobias": (dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False, temperature=0.7),
+                                {}, {}),
     "dapo-top-entropy-bonus": CASES["dapo-top-entropy-bonus"],
     "grpo-entropy-bonus": CASES["grpo-entropy-bonus"],
     "dapo-tool-mask": CASES["dapo-tool-mask"],
@@ -205,6 +206,8 @@ HIDDEN_CASES = {
     "sapo-beta": CASES["sapo-beta"],
     "vespo-vllm": CASES["vespo-vllm"],
     "dapo-onpolicy": (dict(loss_type="dapo"), {}, dict(old=False)),
+    "dapo-bf16-head-fp32": (dict(loss_type="dapo", beta=0.1, cast_lm_head_to_fp32=True,
+                                 model_init_kwargs={"dtype": "bfloat16"}), {}, {}),
 }
 
 
@@ -254,6 +257,33 @@ def test_loss_from_hidden_needs_no_liger(checkpoint, tmp_path):
     assert trainer.rlloss_from_hidden and config.use_liger_kernel
     assert trainer.args.use_liger_kernel == installed  # what transformers' train() reads
     assert any("liger-kernel is not installed" in str(w.message) for w in record) != installed
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+def test_loss_from_hidden_with_lm_head_bias(checkpoint, tmp_path):
+    """An LM head with a bias (Qwen2 has none: the same one added to both trainers): TRL's loss and
+    gradients, the bias's included."""
+    trainers = [build(trl.GRPOTrainer, checkpoint, tmp_path, loss_type="dapo", beta=0.1, entropy_coef=0.01),
+                build(GRPOTrainer, checkpoint, tmp_path, loss_type="dapo", beta=0.1, entropy_coef=0.01,
+                      use_liger_kernel=True)]
+    bias = torch.randn(len(VOCAB), generator=torch.Generator().manual_seed(3))
+    for trainer in trainers:
+        trainer.model.lm_head.bias = torch.nn.Parameter(bias.clone())
+    inputs = make_inputs(trainers[0])
+    (want, want_grads), (got, got_grads) = (loss_and_grads(t, inputs) for t in trainers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert want_grads["lm_head.bias"].abs().max() > 0
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+def test_loss_from_hidden_refuses_multimodal_inputs(checkpoint, tmp_path):
+    trainer = build(GRPOTrainer, checkpoint, tmp_path, use_liger_kernel=True)
+    inputs = make_inputs(trainer)
+    inputs["pixel_values"] = torch.zeros(B, 3, 4, 4)
+    with pytest.raises(NotImplementedError, match="multimodal inputs \\(pixel_values\\)"):
+        trainer._compute_loss(trainer.model, inputs)
 
 
 @pytest.mark.parametrize("name, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5)])

@@ -229,7 +229,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             value = getattr(text_config, name, None)
             if value is not None and value != 1.0:
                 unsupported.append(f"use_liger_kernel=True with a model whose logits are transformed "
-                                   f"({name}={value!r}; rlloss's loss from hidden states takes hidden @ weight.T + bias)")
+                                   f"({name}={value!r}; the loss from hidden states takes hidden @ weight.T + bias)")
         if is_deepspeed_zero3_enabled():
             unsupported.append("use_liger_kernel=True under DeepSpeed ZeRO-3 (the LM head's weight is partitioned)")
         return unsupported
