@@ -148,9 +148,9 @@ CASES = {
 }
 
 
-def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False, backend="auto"):
+def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False, backend="auto", ours_config=None):
     stock = build(trl.GRPOTrainer, checkpoint, tmp_path, **config)
-    ours = build(GRPOTrainer, checkpoint, tmp_path, extra=dict(backend=backend), **config)
+    ours = build(GRPOTrainer, checkpoint, tmp_path, extra=dict(backend=backend), **{**config, **(ours_config or {})})
     for trainer in (stock, ours):
         for name, value in attrs.items():
             setattr(trainer, name, value)
@@ -167,6 +167,7 @@ def compare(checkpoint, tmp_path, config, attrs, input_options, eval_mode=False,
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     assert any(g.abs().max() > 0 for g in want_grads.values())
+    assert want_grads["lm_head.weight"].abs().max() > 0  # the LM head is trained, through whichever path
     mode = "eval" if eval_mode else "train"
     want_metrics, got_metrics = dict(stock._metrics[mode]), dict(ours._metrics[mode])
     assert got_metrics.keys() == want_metrics.keys()
@@ -188,10 +189,119 @@ def test_compute_loss_matches_trl_with_triton(checkpoint, tmp_path, case):
     compare(checkpoint, tmp_path, config, attrs, input_options, backend="triton")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_compute_loss_matches_trl_in_eval(checkpoint, tmp_path, loss_type):
+# use_liger_kernel=True: log-probs and entropies from the hidden states by rlloss.linear_token_logprobs,
+# compared with stock TRL's use_liger_kernel=False (its own fused LM head)
+HIDDEN_CASES = {
+    **{f"{lt}-beta{beta}": (dict(loss_type=lt, beta=beta), {}, {})
+       for lt in ("grpo", "dapo", "dr_grpo", "bnpo") for beta in (0.0, 0.1)},
+    "grpo-temperature-nobias": (dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False, temperature=0.7),
+                                {}, {}),
+    "dapo-top-entropy-bonus": CASES["dapo-top-entropy-bonus"],
+    "grpo-entropy-bonus": CASES["grpo-entropy-bonus"],
+    "dapo-tool-mask": CASES["dapo-tool-mask"],
+    "dapo-vllm-token": CASES["dapo-vllm-token"],
+    "grpo-off-policy-mask": CASES["grpo-off-policy-mask"],
+    "grpo-sequence-beta": CASES["grpo-sequence-beta"],
+    "cispo-beta": CASES["cispo-beta"],
+    "sapo-beta": CASES["sapo-beta"],
+    "vespo-vllm": CASES["vespo-vllm"],
+    "dapo-onpolicy": (dict(loss_type="dapo"), {}, dict(old=False)),
+    "dapo-bf16-head-fp32": (dict(loss_type="dapo", beta=0.1, cast_lm_head_to_fp32=True,
+                                 model_init_kwargs={"dtype": "bfloat16"}), {}, {}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+def test_loss_from_hidden_matches_trl(checkpoint, tmp_path, case):
+    config, attrs, input_options = HIDDEN_CASES[case]
+    compare(checkpoint, tmp_path, config, attrs, input_options, ours_config=dict(use_liger_kernel=True))
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.parametrize("case", ["grpo-beta0.1", "dapo-top-entropy-bonus"])
+def test_loss_from_hidden_matches_trl_with_triton(checkpoint, tmp_path, case):
+    """backend="triton": rlloss's fused LM-head kernel (no logits; Triton's interpreter on a CPU), TRL's numbers."""
+    config, attrs, input_options = HIDDEN_CASES[case]
+    compare(checkpoint, tmp_path, config, attrs, input_options, backend="triton",
+            ours_config=dict(use_liger_kernel=True))
+
+
+def test_loss_from_hidden_builds_no_logits(checkpoint, tmp_path, monkeypatch):
+    """The model's own LM head projects no position, and rlloss's log-probs are the ones in the loss."""
+    with pytest.warns(FutureWarning, match="use_liger_kernel"):  # TRL's deprecation, left in place
+        trainer = build(GRPOTrainer, checkpoint, tmp_path, use_liger_kernel=True, loss_type="dapo")
+    head = trainer.model.get_output_embeddings()
+    projected = []
+    head.register_forward_hook(lambda module, args, out: projected.append(out.shape))
+    calls = []
+    original = rlloss.linear_token_logprobs
+    monkeypatch.setattr(rlloss, "linear_token_logprobs", lambda *a, **k: calls.append(k) or original(*a, **k))
+    loss, _ = loss_and_grads(trainer, make_inputs(trainer))
+    assert torch.isfinite(loss) and len(calls) == 1 and calls[0]["return_entropy"]
+    assert projected and all(shape[1] == 0 for shape in projected), projected
+
+
+def test_loss_from_hidden_needs_no_liger(checkpoint, tmp_path):
+    """TRL applies Liger's layer kernels at train() (ImportError without liger-kernel); rlloss does so only
+    when liger-kernel is installed, on a copy of the config."""
+    from transformers.utils import is_liger_kernel_available
+
+    config = trl.GRPOConfig(output_dir=str(tmp_path), use_liger_kernel=True, report_to=[], use_cpu=True)
+    path, tokenizer = checkpoint
+    dataset = Dataset.from_dict({"prompt": ["1 2 3"] * 4})
+    with pytest.warns(UserWarning) as record:
+        trainer = GRPOTrainer(model=path, reward_funcs=length_reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)
+    installed = is_liger_kernel_available()
+    assert trainer.rlloss_from_hidden and config.use_liger_kernel
+    assert trainer.args.use_liger_kernel == installed  # what transformers' train() reads
+    assert any("liger-kernel is not installed" in str(w.message) for w in record) != installed
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+def test_loss_from_hidden_with_lm_head_bias(checkpoint, tmp_path):
+    """An LM head with a bias (Qwen2 has none: the same one added to both trainers): TRL's loss and
+    gradients, the bias's included."""
+    trainers = [build(trl.GRPOTrainer, checkpoint, tmp_path, loss_type="dapo", beta=0.1, entropy_coef=0.01),
+                build(GRPOTrainer, checkpoint, tmp_path, loss_type="dapo", beta=0.1, entropy_coef=0.01,
+                      use_liger_kernel=True)]
+    bias = torch.randn(len(VOCAB), generator=torch.Generator().manual_seed(3))
+    for trainer in trainers:
+        trainer.model.lm_head.bias = torch.nn.Parameter(bias.clone())
+    inputs = make_inputs(trainers[0])
+    (want, want_grads), (got, got_grads) = (loss_and_grads(t, inputs) for t in trainers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert want_grads["lm_head.bias"].abs().max() > 0
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+def test_loss_from_hidden_refuses_multimodal_inputs(checkpoint, tmp_path):
+    trainer = build(GRPOTrainer, checkpoint, tmp_path, use_liger_kernel=True)
+    inputs = make_inputs(trainer)
+    inputs["pixel_values"] = torch.zeros(B, 3, 4, 4)
+    with pytest.raises(NotImplementedError, match="multimodal inputs \\(pixel_values\\)"):
+        trainer._compute_loss(trainer.model, inputs)
+
+
+@pytest.mark.parametrize("name, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5)])
+def test_loss_from_hidden_refuses_transformed_logits(checkpoint, tmp_path, name, value):
+    """A soft-capped or scaled LM head is not hidden @ weight.T: named, never silently wrong."""
+    path, tokenizer = checkpoint
+    model = Qwen2ForCausalLM.from_pretrained(path)
+    setattr(model.config, name, value)
+    model.save_pretrained(tmp_path / "transformed")
+    with pytest.raises(NotImplementedError, match=name):
+        build(GRPOTrainer, (str(tmp_path / "transformed"), tokenizer), tmp_path, use_liger_kernel=True)
+
+
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.parametrize("loss_type, ours_config", [("grpo", {}), ("dapo", {}), ("dapo", dict(use_liger_kernel=True))])
+def test_compute_loss_matches_trl_in_eval(checkpoint, tmp_path, loss_type, ours_config):
     """Eval: no accumulation factor (TRL divides by GA only in training)."""
-    compare(checkpoint, tmp_path, dict(loss_type=loss_type, beta=0.1), {}, {}, eval_mode=True)
+    compare(checkpoint, tmp_path, dict(loss_type=loss_type, beta=0.1), {}, {}, eval_mode=True, ours_config=ours_config)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -255,7 +365,6 @@ def test_gmpo_needs_a_per_sequence_loss_type(checkpoint, tmp_path):
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
     (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
-    (dict(use_liger_kernel=True), "use_liger_kernel"),
 ])
 def test_unsupported_options_are_named(checkpoint, tmp_path, config, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -282,12 +391,17 @@ def test_missing_trl_names_the_extra():
     assert 'pip install "rlloss[trl]"' in out
 
 
-@pytest.mark.parametrize("loss_type, extra_config", [
-    ("dapo", dict(beta=0.1)),
-    ("grpo", dict(importance_sampling_level="sequence")),
-    ("bnpo", dict(scale_rewards="batch", entropy_coef=0.01)),
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.parametrize("loss_type, extra_config, ours_config", [
+    ("dapo", dict(beta=0.1), {}),
+    ("grpo", dict(importance_sampling_level="sequence"), {}),
+    ("bnpo", dict(scale_rewards="batch", entropy_coef=0.01), {}),
+    # rlloss's log-probs from the hidden states against TRL's fused head: the two LM-head matmuls round
+    # differently (gradients agree to ~1e-7 relative, test_loss_from_hidden_matches_trl), and Adam's first step,
+    # g / (|g| + 1e-8), turns that into whole steps on near-zero gradients; SGD keeps the comparison linear
+    ("dr_grpo", dict(beta=0.1, optim="sgd"), dict(use_liger_kernel=True)),
 ])
-def test_training_matches_trl(checkpoint, tmp_path, loss_type, extra_config):
+def test_training_matches_trl(checkpoint, tmp_path, loss_type, extra_config, ours_config):
     """TRL's own train loop, stock and rlloss: steps_per_generation 2 and num_iterations 2 under
     gradient accumulation 3 (old log-probs recomputed, a shorter last window), two optimizer steps,
     same weights after training."""
@@ -295,7 +409,7 @@ def test_training_matches_trl(checkpoint, tmp_path, loss_type, extra_config):
     for cls in (trl.GRPOTrainer, GRPOTrainer):
         trainer = build(cls, checkpoint, tmp_path, loss_type=loss_type, gradient_accumulation_steps=3,
                         steps_per_generation=2, num_iterations=2, max_steps=2, learning_rate=1e-2,
-                        logging_steps=1, **extra_config)
+                        logging_steps=1, **extra_config, **(ours_config if cls is GRPOTrainer else {}))
         trainer.train()
         final.append({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
     (path, _) = checkpoint
@@ -335,8 +449,11 @@ def test_finite_where_trl_overflows(checkpoint, tmp_path, loss_type):
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory):
-    """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer."""
+@pytest.mark.filterwarnings("ignore:liger-kernel is not installed", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory, from_hidden):
+    """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer (with
+    use_liger_kernel=True the auxiliary loss comes from the model's own forward)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_qwen2_moe")
@@ -349,8 +466,8 @@ def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory):
     Qwen2MoeForCausalLM(config).save_pretrained(path)
     checkpoint[1].save_pretrained(path)
     moe = (str(path), checkpoint[1])
-    trainers = [build(cls, moe, tmp_path_factory.mktemp("out"), loss_type="dapo")
-                for cls in (trl.GRPOTrainer, GRPOTrainer)]
+    trainers = [build(trl.GRPOTrainer, moe, tmp_path_factory.mktemp("out"), loss_type="dapo"),
+                build(GRPOTrainer, moe, tmp_path_factory.mktemp("out"), loss_type="dapo", use_liger_kernel=from_hidden)]
     assert all(t.aux_loss_enabled for t in trainers)
     inputs = make_inputs(trainers[0])
     (want, want_grads), (got, got_grads) = (loss_and_grads(t, inputs) for t in trainers)

@@ -13,7 +13,9 @@ With ``objective=None`` the numbers are TRL's own (value and gradient, every ``l
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from . import missing_trainer
 
 try:
     import trl
+    from transformers.utils import is_liger_kernel_available
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised in an environment without trl
     raise missing_trainer("trl", exc) from exc
@@ -35,8 +38,10 @@ TRL_EPS = 1e-4  # TRL's reward-std epsilon (grpo_trainer: std + 1e-4)
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 BACKENDS = ("auto", "torch", "triton")
-LIGER = ("use_liger_kernel=True (rlloss's loss from hidden states is not wired in yet; TRL's fused LM head "
-         "already avoids the logits without it)")
+# Config fields by which a model's logits differ from `hidden @ lm_head.weight.T + bias` (a soft cap, a scale):
+# linear_token_logprobs computes only that plain product, so such a model cannot take the hidden-states path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
 
 
 def loss_type_objective(trainer: Any) -> rlloss.Objective:
@@ -110,6 +115,14 @@ def trl_group_advantages(rewards: torch.Tensor, num_generations: int, scale: str
     return advantages
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss is ``rlloss.policy_loss`` and advantages ``rlloss.group_advantages``.
 
@@ -126,13 +139,24 @@ class GRPOTrainer(trl.GRPOTrainer):
     * ``backend``: rlloss's ``"auto" | "torch" | "triton"``.
 
     The log-probs are TRL's (``_get_per_token_logps_and_entropies``, its fused LM head that never
-    builds the logits). TRL's features around the loss go through rlloss's helpers:
+    builds the logits), or with ``use_liger_kernel=True`` rlloss's: ``rlloss.linear_token_logprobs``
+    (log-probs and entropies at TRL's ``temperature``, ``backend`` passed through) on the model's last
+    hidden states and ``lm_head.weight``/``bias``, the model called through its own forward with
+    ``output_hidden_states=True`` and no logits kept (``_logps_from_hidden``); the loss is then
+    ``policy_loss`` as above, so every option below works on either source. (Not
+    ``policy_loss_from_hidden``: TRL's masks and metrics need the log-probs and entropies before the
+    loss, and TRL's entropy bonus is a masked mean whatever the normaliser.) The old and reference
+    log-probs stay TRL's, computed without gradient by its fused head. TRL 1.16 deprecates
+    ``use_liger_kernel`` (its FutureWarning stays) and with it applies only Liger's layer kernels
+    (RMSNorm, RoPE, SwiGLU) at ``train()``: here too when liger-kernel is installed; without it they
+    are skipped with a warning (on a copy of ``args``), never an ImportError. Not supported with it:
+    models whose logits are soft-capped or scaled (``final_logit_softcapping``, ``logit_scale``, ...),
+    DeepSpeed ZeRO-3, multimodal inputs. TRL's features around the loss go through rlloss's helpers:
     ``top_entropy_quantile`` (``rlloss.distributed.top_entropy_mask``), ``off_policy_mask_threshold``
     (``rlloss.off_policy_mask``), the vLLM importance-sampling ratio (``token_weights``; VESPO folds
     it into its row sum as TRL does), a static ``entropy_coef`` bonus (``rlloss.masked_mean``) and
     the MoE auxiliary loss. Not supported yet, each a ``NotImplementedError`` when the trainer is
-    built: ``use_adaptive_entropy``, ``multi_objective_aggregation="normalize_then_sum"``,
-    ``use_liger_kernel`` (rlloss's loss from hidden states is not wired in yet), cispo and sapo
+    built: ``use_adaptive_entropy``, ``multi_objective_aggregation="normalize_then_sum"``, cispo and sapo
     with ``importance_sampling_level="sequence"``, and vespo with the vLLM correction together
     with a bias-corrected KL.
 
@@ -154,17 +178,24 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.rlloss_objective = objective
         self.rlloss_backend = backend
         self._rlloss_rewards: torch.Tensor | None = None
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        if config is not None and getattr(config, "use_liger_kernel", False):  # before TRL loads Liger
-            raise NotImplementedError(f"rlloss.integrations.trl.GRPOTrainer does not support yet: {LIGER}")
         super().__init__(*args, **kwargs)
         self._check_supported()
+        # use_liger_kernel selects rlloss's log-probs from the hidden states (``_logps_from_hidden``)
+        self.rlloss_from_hidden = bool(self.args.use_liger_kernel)
+        if self.rlloss_from_hidden and not is_liger_kernel_available():
+            # transformers' train() would raise ImportError applying Liger's layer kernels: skip them instead,
+            # on a copy of the config (the caller's object is left as it was)
+            warnings.warn("liger-kernel is not installed: rlloss computes the loss from the hidden states without "
+                          "Liger's layer kernels (RMSNorm, RoPE, SwiGLU); pip install liger-kernel to add them",
+                          stacklevel=2)
+            self.args = copy.copy(self.args)
+            self.args.use_liger_kernel = False
 
     def _check_supported(self) -> None:
         args = self.args
         unsupported = []
         if args.use_liger_kernel:
-            unsupported.append(LIGER)
+            unsupported += self._hidden_path_unsupported()
         if self.use_adaptive_entropy:
             unsupported.append("use_adaptive_entropy=True (a static entropy_coef is supported)")
         if self.multi_objective_aggregation != "sum_then_normalize":
@@ -187,6 +218,21 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self._is_per_row() and self.loss_type not in ("grpo", "sapo"):
             raise ValueError(f"objective {self.rlloss_objective!r} is per sequence (seq_mean_token_mean); use it with "
                              f"loss_type='grpo', got loss_type={self.loss_type!r}")
+
+    def _hidden_path_unsupported(self) -> list[str]:
+        """What keeps ``use_liger_kernel=True`` (log-probs from the hidden states) from being exact here."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        unsupported = []
+        text_config = self.accelerator.unwrap_model(self.model).config.get_text_config()
+        for name in LOGIT_TRANSFORMS:
+            value = getattr(text_config, name, None)
+            if value is not None and value != 1.0:
+                unsupported.append(f"use_liger_kernel=True with a model whose logits are transformed "
+                                   f"({name}={value!r}; the loss from hidden states takes hidden @ weight.T + bias)")
+        if is_deepspeed_zero3_enabled():
+            unsupported.append("use_liger_kernel=True under DeepSpeed ZeRO-3 (the LM head's weight is partitioned)")
+        return unsupported
 
     def _is_vespo(self) -> bool:
         if self.rlloss_objective is None:
@@ -232,10 +278,15 @@ class GRPOTrainer(trl.GRPOTrainer):
         valid = mask.bool()
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
-        )
+        model_inputs = {key: inputs.get(key) for key in MODEL_INPUT_KEYS}
+        if self.rlloss_from_hidden:
+            logp, entropies, aux_loss = self._logps_from_hidden(model, input_ids, attention_mask, completion_ids,
+                                                                valid, self.aux_loss_enabled, model_inputs)
+        else:
+            logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **model_inputs,
+            )
         adv = inputs["advantages"]
         old = old_input = inputs.get("old_per_token_logps")
         weights, entropy_mask = self._token_weights(logp, old, adv, valid, entropies, inputs)
@@ -273,6 +324,45 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, logp.detach(), old_input, adv, valid, entropies.detach(), result, inputs)
         return loss
+
+    def _logps_from_hidden(self, model, input_ids, attention_mask, completion_ids, valid, compute_aux_loss,
+                           model_inputs):
+        """``(logp, entropy, aux_loss)`` of the completions by ``rlloss.linear_token_logprobs``: no logits.
+
+        The model runs through its own (wrapped) forward with ``output_hidden_states=True`` and an empty
+        ``logits_to_keep``, so its LM head projects no position; the last hidden states before each
+        completion token, ``lm_head.weight`` and ``lm_head.bias`` then give the log-probs and entropies
+        at TRL's temperature, on ``valid`` tokens only (0 elsewhere). With ``cast_lm_head_to_fp32`` the
+        hidden states are cast to fp32 as TRL does; otherwise the head is cast to the hidden states'
+        dtype (what autocast does to the model's own head).
+        """
+        if any(value is not None for value in model_inputs.values()):
+            given = sorted(key for key, value in model_inputs.items() if value is not None)
+            raise NotImplementedError("rlloss.integrations.trl.GRPOTrainer does not support yet: use_liger_kernel=True "
+                                      f"with multimodal inputs ({', '.join(given)})")
+        length = completion_ids.size(1)
+        call = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+        if compute_aux_loss:
+            call["output_router_logits"] = True
+        with self.accelerator.autocast():
+            outputs = model(**call)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if is_dtensor(weight):  # FSDP2: the whole head (its gradient goes back to the shards), as TRL's head does
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        # position P - 1 + t scores completion token t
+        hidden = outputs.hidden_states[-1][:, -length - 1:-1].to(weight.device)
+        if self.args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, entropies = rlloss.linear_token_logprobs(
+                hidden, weight, completion_ids.to(weight.device), bias=bias, temperature=self.temperature,
+                mask=valid.to(weight.device), return_entropy=True, backend=self.rlloss_backend)
+        return logp, entropies, (outputs.aux_loss if compute_aux_loss else None)
 
     def _vllm_is(self) -> bool:
         return bool(self.use_vllm and self.vllm_importance_sampling_correction)
