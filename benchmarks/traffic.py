@@ -152,6 +152,10 @@ class _AtenRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        body = _custom_op_body(func)
+        if body is not None:  # an rlloss op is no launch itself: what it runs inside is counted
+            with self:
+                return body(*args, **kwargs)
         out = func(*args, **kwargs)
         key = _op_key(func)
         if key == _SYNC:
@@ -166,6 +170,16 @@ class _AtenRecorder(TorchDispatchMode):
         else:
             self.counts.launches.append(Launch(f"aten.{key}", "aten", *_aten_bytes(func, args, kwargs, out)))
         return out
+
+
+def _custom_op_body(func: Any) -> Callable | None:
+    """The Python body of an ``rlloss::`` custom op (``torch.library.custom_op``), else None."""
+    if func.namespace != "rlloss":
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name)
+    return None if opdef is None else opdef._init_fn
 
 
 def _aten_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:

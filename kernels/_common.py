@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlloss._constants import FUSED_OBJECTIVES, OBJECTIVE_CODES
+
 # A program handles one chunk of one row: long rows are split so a few of them still fill the GPU,
 # and a row's chunks are combined in a fixed order afterwards (no atomics: bitwise deterministic).
 MAX_BLOCK_T = 1024
@@ -54,7 +56,8 @@ def all_false(x):
 
 
 # objective codes of the fused per-token kernel (compile-time switches, one binary each)
-OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = range(8)
+OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = (
+    OBJECTIVE_CODES[name] for name in FUSED_OBJECTIVES)
 
 
 @triton.jit
@@ -173,7 +176,6 @@ def kl_token(logp, ref, clamp, KIND: tl.constexpr):
     return value, grad
 
 
-KL_KIND_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "k1+": 5, "k3+": 6, "abs+": 7}
 
 
 @triton.jit

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 MAX_BLOCK_V = 4096
 
@@ -93,59 +92,44 @@ def _logits_bwd_kernel(
         tl.store(out + offs, (dz / temperature).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
-def _vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
+def vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch and time strides, but a unit vocabulary stride."""
     return logits if logits.stride(2) == 1 else logits.contiguous()
 
 
-class _TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, ids, temperature, return_entropy, inplace_backward):
-        B, T, V = logits.shape
-        ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
-        x = _vocab_contiguous(logits)
-        dev = logits.device
-        logp = torch.empty((B, T), dtype=torch.float32, device=dev)
-        lse = torch.empty((B, T), dtype=torch.float32, device=dev)
-        entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else lse
-        bv, warps = block_v(V)
-        if B * T:
-            _logits_fwd_kernel[(B * T,)](
-                x, ids, logp, entropy, lse, T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
-                float(temperature), RETURN_ENTROPY=return_entropy, BLOCK_V=bv, num_warps=warps,
-            )
-        ctx.save_for_backward(x, ids, lse, entropy if return_entropy else lse)
-        ctx.meta = (float(temperature), return_entropy, inplace_backward and x is logits, logits.dtype)
-        if not return_entropy:
-            return logp, None
-        return logp, entropy
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_logp, g_entropy):
-        x, ids, lse, entropy = ctx.saved_tensors
-        temperature, return_entropy, inplace, dtype = ctx.meta
-        B, T, V = x.shape
-        grad = x if inplace else torch.empty((B, T, V), dtype=dtype, device=x.device)
-        if g_logp is None:
-            g_logp = torch.zeros((B, T), dtype=torch.float32, device=x.device)
-        has_ent_grad = return_entropy and g_entropy is not None
-        bv, warps = block_v(V)
-        if B * T:
-            _logits_bwd_kernel[(B * T,)](
-                x, ids, lse, entropy, g_logp.contiguous(), g_entropy.contiguous() if has_ent_grad else lse, grad,
-                T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
-                temperature, HAS_ENTROPY_GRAD=has_ent_grad, BLOCK_V=bv, num_warps=warps,
-            )
-        return grad, None, None, None, None
+def token_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                           return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, entropy, lse)``, fp32 ``[B, T]`` each; ``entropy`` is empty without ``return_entropy``."""
+    B, T, V = logits.shape
+    x = vocab_contiguous(logits)
+    dev = logits.device
+    logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+    entropy = torch.empty((B, T) if return_entropy else (0,), dtype=torch.float32, device=dev)
+    bv, warps = block_v(V)
+    if B * T:
+        _logits_fwd_kernel[(B * T,)](
+            x, ids, logp, entropy if return_entropy else lse, lse, T, V, x.stride(0), x.stride(1), ids.stride(0),
+            ids.stride(1), float(temperature), RETURN_ENTROPY=return_entropy, BLOCK_V=bv, num_warps=warps,
+        )
+    return logp, entropy, lse
 
 
-def token_logprobs_triton(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
-                          inplace_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(logp, entropy or None)`` of validated inputs; fp64 logits go to the reference."""
-    if logits.dtype == torch.float64:
-        from rlloss.logits import _token_logprobs_torch
-
-        return _token_logprobs_torch(logits, ids, temperature, return_entropy)
-    logp, entropy = _TokenLogprobsFunction.apply(logits, ids, temperature, return_entropy, inplace_backward)
-    return logp, entropy
+def token_logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                            g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, temperature: float,
+                            grad: torch.Tensor) -> None:
+    """Write ``d / d logits`` into ``grad`` (``[B, T, V]``; it may be ``logits`` itself: each chunk is
+    read before it is overwritten, and programs own disjoint rows)."""
+    x = vocab_contiguous(logits)
+    B, T, V = x.shape
+    if g_logp is None:
+        g_logp = torch.zeros((B, T), dtype=torch.float32, device=x.device)
+    has_ent_grad = g_entropy is not None and entropy.numel() > 0
+    bv, warps = block_v(V)
+    if B * T:
+        _logits_bwd_kernel[(B * T,)](
+            x, ids, lse, entropy if has_ent_grad else lse, g_logp.contiguous(),
+            g_entropy.contiguous() if has_ent_grad else lse, grad,
+            T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
+            float(temperature), HAS_ENTROPY_GRAD=has_ent_grad, BLOCK_V=bv, num_warps=warps,
+        )

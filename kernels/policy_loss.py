@@ -21,20 +21,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES
 
 from ._common import (
-    KL_KIND_CODES,
     _clamp,
     NUM_WARPS,
-    OBJ_CISPO,
-    OBJ_DPPO_KL,
-    OBJ_DPPO_TV,
-    OBJ_DRO,
-    OBJ_PPO,
-    OBJ_REINFORCE,
-    OBJ_SAPO,
-    OBJ_VESPO,
     as_bytes,
     block_t,
     grad_buffer_dtype,
@@ -42,8 +33,6 @@ from ._common import (
     objective_token,
 )
 
-KL_CLAMP = 20.0  # rlloss.kl.KL_INPUT_CLAMP
-AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "constant": 3, "token_sum": 4}
 # partial sums per chunk, in this order
 N_PARTIALS = 7
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
@@ -274,54 +263,14 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if x is None else (x.stride(0), x.stride(1))
 
 
-def _count_args(value: float | torch.Tensor | None, default: float, like: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(pointer, value, mode) for a count passed as nothing, a number or a 0-d tensor."""
-    if value is None:
+def _count_args(tensor: torch.Tensor | None, value: float, default: float,
+                like: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(pointer, value, mode) for a count passed as a 0-d tensor, a number (>= 0) or nothing (< 0)."""
+    if tensor is not None:
+        return tensor, 0.0, 2
+    if value < 0:
         return like, float(default), 0
-    if isinstance(value, torch.Tensor):
-        return value, 0.0, 2
     return like, float(value), 1
-
-
-def objective_switches(objective) -> tuple[int, bool, bool, tuple[float, float, float, float], int, tuple[str, ...]]:
-    """(OBJ code, F1, F2, (p0..p3), ROW_STAT, metric names of the three indicator slots) of an objective."""
-    from rlloss.objectives import CISPO, DPPO, DRO, PPO, SAPO, VESPO, Reinforce
-
-    if isinstance(objective, PPO):
-        return (OBJ_PPO, objective.dual_clip is not None, objective.delta is not None,
-                (1 - objective.eps_low, 1 + objective.high, float(objective.dual_clip or 0.0), float(objective.delta or 0.0)),
-                1 if objective.level == "sequence" else 0, ("clip_low", "clip_high", "clip_dual"))
-    if isinstance(objective, CISPO):
-        return (OBJ_CISPO, objective.low is not None, objective.high is not None,
-                (float(objective.low or 0.0), float(objective.high or 0.0), 0.0, 0.0), 0, ("clip_low", "clip_high"))
-    if isinstance(objective, SAPO):
-        return OBJ_SAPO, False, False, (objective.tau_pos, objective.tau_neg, 0.0, 0.0), 0, ()
-    if isinstance(objective, Reinforce):
-        return OBJ_REINFORCE, False, False, (0.0, 0.0, 0.0, 0.0), 0, ()
-    if isinstance(objective, DPPO):
-        code = OBJ_DPPO_TV if objective.divergence == "tv" else OBJ_DPPO_KL
-        return code, False, False, (objective.low, objective.high, objective.weight_cap, 0.0), 0, ("outside_region",)
-    if isinstance(objective, DRO):
-        return OBJ_DRO, False, False, (objective.beta, 0.0, 0.0, 0.0), 0, ()
-    if isinstance(objective, VESPO):
-        return (OBJ_VESPO, False, False, (objective.k_pos, max(objective.lam_pos, 1e-4), objective.k_neg,
-                                          max(objective.lam_neg, 1e-4)), 2, ())
-    raise ValueError(f"no fused kernel for objective {type(objective).__name__}")
-
-
-def fused_support(objective, kl_bias_correction: bool) -> str | None:
-    """None when the fused kernels run this configuration, else what they do not run (said in errors)."""
-    from rlloss.objectives import GMPO, PPO, ClipCov, KLCov
-
-    if isinstance(objective, (KLCov, ClipCov)):
-        return (f"{type(objective).__name__}: it selects tokens across the whole batch (top-k or a seeded "
-                "random draw), which the reference does in PyTorch")
-    if isinstance(objective, GMPO):
-        return "GMPO: its per-row geometric mean has no fused kernel yet"
-    if kl_bias_correction and isinstance(objective, PPO) and objective.level == "sequence":
-        return ("kl_bias_correction at level='sequence': its gradient couples every token of a row through the "
-                "row mean")
-    return None
 
 
 def per_token_pass(
@@ -331,9 +280,13 @@ def per_token_pass(
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None,
     *,
-    objective,
+    objective: int,
+    dual_or_low: bool,
+    delta_or_high: bool,
+    params: list[float],
+    row_stat: int,
     beta: float,
-    kl: str = "k3",
+    kl_kind: int = KL_KIND_CODES["k3"],
     kl_bias_correction: bool = False,
     token_weights: torch.Tensor | None = None,
     max_log_ratio: float,
@@ -353,7 +306,6 @@ def per_token_pass(
     token_loss = torch.empty((B, T), dtype=torch.float32, device=dev) if write_token_loss else None
     if n == 0:
         return g, partials, token_loss, C
-    code, f1, f2, params, row_stat, _ = objective_switches(objective)
     old = logp if old_logp is None else old_logp
     stats = torch.empty((2, n), dtype=torch.float32, device=dev) if row_stat else None
     if row_stat:
@@ -373,10 +325,10 @@ def per_token_pass(
         dummy if g is None else g, dummy if partials is None else partials, dummy if token_loss is None else token_loss,
         T, C, n,
         *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp), *w_strides,
-        *(float(p) for p in params), float(max_log_ratio), float(beta), KL_CLAMP,
-        OBJ=code, F1=f1, F2=f2, ROW_STAT=row_stat,
+        *(float(p) for p in params), float(max_log_ratio), float(beta), KL_INPUT_CLAMP,
+        OBJ=objective, F1=dual_or_low, F2=delta_or_high, ROW_STAT=row_stat,
         HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode,
-        HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=KL_KIND_CODES[kl],
+        HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=kl_kind,
         KL_BIAS=ref_logp is not None and kl_bias_correction,
         WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
         BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), num_warps=NUM_WARPS,
@@ -404,71 +356,60 @@ def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, ro
     return out
 
 
-class _PolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, ref_logp, token_weights, needs_grad, objective, beta, kl,
-                kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
-        B, _ = logp.shape
-        g, partials, _, C = per_token_pass(
-            logp, old_logp, adv, mask, ref_logp, objective=objective, beta=beta, kl=kl,
-            kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
-            write_grad=needs_grad, write_partials=True, write_token_loss=False,
-        )
-        dev = logp.device
-        loss = torch.empty((), dtype=torch.float32, device=dev)
-        metrics = torch.empty(5, dtype=torch.float32, device=dev)
-        factor = torch.empty(1, dtype=torch.float32, device=dev)
-        row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
-        tok_ptr, tok_val, tok_mode = _count_args(num_tokens, 0.0, factor)
-        seq_ptr, seq_val, seq_mode = _count_args(num_seqs, B, factor)
-        bc = triton.next_power_of_2(max(C, 1))
-        _combine_kernel[(1,)](
-            partials, loss, metrics, factor, row_factor, B, C, B * C,
-            tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens or 1.0), float(dp_size),
-            AGG=AGG_CODES[aggregation], TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
-            BLOCK_R=combine_block_rows(C), BLOCK_C=bc, num_warps=COMBINE_WARPS,
-        )
-        ctx.mark_non_differentiable(metrics)
-        # metrics never get a gradient: without this autograd would fill a zero tensor for them (a launch)
-        ctx.set_materialize_grads(False)
-        if needs_grad:
-            ctx.save_for_backward(g, factor, row_factor)
-            ctx.logp_dtype = logp.dtype
-        return loss, metrics
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_metrics):
-        if grad_loss is None:
-            return (None,) * 17
-        g, factor, row_factor = ctx.saved_tensors
-        grad = scale_grad(g, grad_loss, factor, row_factor, ctx.logp_dtype)
-        return (grad,) + (None,) * 16
 
 
-def policy_loss_triton(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
-                       max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
-    """The fused ``policy_loss`` on validated inputs (``fused_support`` is None): ``(loss, metrics)``.
+def policy_loss_forward(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    num_tokens: torch.Tensor | None,
+    num_seqs: torch.Tensor | None,
+    *,
+    objective: int,
+    dual_or_low: bool,
+    delta_or_high: bool,
+    params: list[float],
+    row_stat: int,
+    beta: float,
+    kl_kind: int,
+    kl_bias_correction: bool,
+    max_log_ratio: float,
+    aggregation: int,
+    max_tokens: float,
+    num_tokens_value: float,
+    num_seqs_value: float,
+    dp_size: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused ``policy_loss`` forward: ``(loss, metrics[5], g, factor[1], row_factor[max(B, 1)])``.
 
-    fp64 inputs go to the reference (the kernels accumulate in fp32 by design). Only ``logp``
-    receives a gradient; the others are constants, as in the reference. The gradient buffer is
-    written only when a gradient will be asked for (grad mode on and ``logp`` requiring it).
+    ``g`` is d loss / d logp before the normaliser (``grad_buffer_dtype``; empty without
+    ``needs_grad``); backward is ``scale_grad(g, grad_loss, factor, row_factor)``. Counts come as a
+    tensor, or a number (``< 0``: not given).
     """
-    args = (logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
-            max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)
-    if any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, adv, ref_logp, token_weights)):
-        from rlloss.loss import _policy_loss_torch
-
-        return tuple(_policy_loss_torch(*args))
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    needs_grad = torch.is_grad_enabled() and logp.requires_grad
-    loss, metrics = _PolicyLossFunction.apply(
-        logp, detach(old_logp), adv.detach(), mask, detach(ref_logp), detach(token_weights), needs_grad, objective,
-        beta, kl, kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size,
+    B, _ = logp.shape
+    g, partials, _, C = per_token_pass(
+        logp, old_logp, adv, mask, ref_logp, objective=objective, dual_or_low=dual_or_low,
+        delta_or_high=delta_or_high, params=params, row_stat=row_stat, beta=beta, kl_kind=kl_kind,
+        kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
+        write_grad=needs_grad, write_partials=True, write_token_loss=False,
     )
-    slots = objective_switches(objective)[5]
-    out = {name: metrics[i] for i, name in enumerate(slots)}
-    out["ratio_mean"] = metrics[3]
-    if ref_logp is not None:
-        out["kl_mean"] = metrics[4]
-    return loss, out
+    dev = logp.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    metrics = torch.empty(5, dtype=torch.float32, device=dev)
+    factor = torch.empty(1, dtype=torch.float32, device=dev)
+    row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
+    tok_ptr, tok_val, tok_mode = _count_args(num_tokens, num_tokens_value, 0.0, factor)
+    seq_ptr, seq_val, seq_mode = _count_args(num_seqs, num_seqs_value, B, factor)
+    _combine_kernel[(1,)](
+        partials, loss, metrics, factor, row_factor, B, C, B * C,
+        tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens), float(dp_size),
+        AGG=aggregation, TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
+        BLOCK_R=combine_block_rows(C), BLOCK_C=triton.next_power_of_2(max(C, 1)), num_warps=COMBINE_WARPS,
+    )
+    if g is None:
+        g = logp.new_empty(0)
+    return loss, metrics, g, factor, row_factor

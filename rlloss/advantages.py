@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._dispatch import resolve_backend
+from ._groups import group_index
 from ._validate import (
     check_choice,
     check_float,
@@ -22,18 +23,6 @@ from ._validate import (
 BASELINES = ("mean", "loo")
 SCALES = ("group", "batch", "none")
 SINGLETONS = ("zero", "keep")
-
-
-def group_index(groups: int | torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Dense group index ``[n]`` in ``0..K-1`` and the number of groups ``K``.
-
-    An int group size means contiguous groups (TRL's layout); a tensor holds arbitrary group ids
-    (verl's ``index``), renumbered here in order of first sorted id.
-    """
-    if isinstance(groups, int):
-        return torch.arange(n, device=device) // groups, n // groups
-    uniq, inverse = torch.unique(groups, return_inverse=True)
-    return inverse, int(uniq.numel())
 
 
 def _safe_sqrt(var: torch.Tensor) -> torch.Tensor:
@@ -143,8 +132,8 @@ def group_advantages(
         raise ValueError("rewards must be finite, got NaN or inf values")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
-    if resolve_backend(backend, rewards) == "triton":
-        from .kernels.advantages import group_advantages_triton
+    if resolve_backend(backend, rewards) == "triton" and rewards.dtype != torch.float64:
+        from ._fused import group_advantages_triton
 
         return group_advantages_triton(rewards, groups, baseline, scale, eps, singleton)
     return _group_advantages_torch(rewards, groups, baseline, scale, eps, singleton)

@@ -26,11 +26,22 @@ def check_logits(logits: object, ids: object) -> None:
 
 
 def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
-    """Token ids must index the vocabulary (a device sync: an out-of-range id would read out of bounds)."""
-    valid = ids if where is None else ids[where]
-    if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
+    """Token ids (at the positions ``where`` is True) must index the vocabulary.
+
+    Eager on the CPU: a ``ValueError`` with the values found. On CUDA tensors and while compiling,
+    ``torch._assert_async``: a device-side check, no host sync and no graph break. (The Triton
+    path checks in its kernel instead: see ``token_logprobs``.)
+    """
+    ok = (ids >= 0) & (ids < vocab)
+    if where is not None:
+        ok = ok | ~where
+    if torch.compiler.is_compiling() or ids.is_cuda:
+        torch._assert_async(ok.all(), f"ids must be in [0, {vocab}) (the vocabulary of logits) where they are read")
+        return
+    if not bool(ok.all()):
+        bad = ids[~ok]
         raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
-                         f"[{int(valid.min())}, {int(valid.max())}]")
+                         f"[{int(bad.min())}, {int(bad.max())}]")
 
 
 def _token_logprobs_torch(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
@@ -83,8 +94,8 @@ def token_logprobs(
     check_logits(logits, ids)
     check_number("temperature", temperature, low=0, low_inclusive=False)
     check_ids_in_range(ids, logits.shape[2])
-    if resolve_backend(backend, logits, ids) == "triton":
-        from .kernels.logits import token_logprobs_triton
+    if resolve_backend(backend, logits, ids) == "triton" and logits.dtype != torch.float64:
+        from ._fused import token_logprobs_triton
 
         logp, entropy = token_logprobs_triton(logits, ids, temperature, return_entropy)
     else:
@@ -143,8 +154,8 @@ def policy_loss_from_logits(
     chosen = resolve_backend(backend, logits, ids, old_logp, adv, mask)
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
     check_ids_in_range(safe_ids, logits.shape[2])
-    if chosen == "triton":
-        from .kernels.logits import token_logprobs_triton
+    if chosen == "triton" and logits.dtype != torch.float64:
+        from ._fused import token_logprobs_triton
 
         logp, entropy = token_logprobs_triton(logits, safe_ids, temperature, True, inplace_backward=inplace_backward)
     else:

@@ -8,7 +8,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape
-from .aggregation import aggregate, check_aggregation, safe_div
+from .aggregation import aggregate, as_count, check_aggregation, safe_div
 from .kl import KL_KINDS, kl_terms
 from .objectives import GMPO, PPO, Objective, resolve_objective
 from .surrogates import check_surrogate_args, prepare_inputs
@@ -58,7 +58,7 @@ def _gmpo_loss_torch(objective: GMPO, lp, old, a, mask, kl, beta, weights, max_l
     per_token_kl = torch.zeros_like(lp) if kl is None or beta == 0 else beta * kl
     per_token = torch.where(mask, per_token_kl, torch.zeros_like(lp))
     kl_rows = safe_div(per_token.sum(-1), mask.sum(-1).to(lp.dtype))
-    n_seq = torch.as_tensor(lp.shape[0] if num_seqs is None else num_seqs, dtype=lp.dtype, device=lp.device)
+    n_seq = as_count(lp.shape[0] if num_seqs is None else num_seqs, lp)
     return safe_div((row + kl_rows).sum(), n_seq) * dp_size, rho[:, None].expand_as(lp)
 
 
@@ -257,9 +257,11 @@ def policy_loss(
             aggregation, max_tokens, num_tokens, num_seqs, dp_size)
     chosen = resolve_backend(backend, logp, old_logp, adv, mask, ref_logp)
     if chosen == "triton":
-        from .kernels.policy_loss import fused_support, policy_loss_triton
+        from ._fused import fused_dtype, fused_support, policy_loss_triton
 
         reason = fused_support(obj, kl_bias_correction)
+        if reason is None and not fused_dtype(logp, old_logp, adv, ref_logp, token_weights):
+            return _policy_loss_torch(*args)  # fp64 (gradcheck): the kernels accumulate in fp32 by design
         if reason is None:
             return PolicyLoss(*policy_loss_triton(*args))
         if backend == "triton":

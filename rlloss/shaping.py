@@ -41,7 +41,7 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, 
     if rewards.dtype.is_floating_point and bool(torch.isnan(rewards).any()):
         raise ValueError("rewards must not contain NaN")
     if resolve_backend(backend, rewards) == "triton":
-        from .kernels.shaping import dynamic_sampling_mask_triton
+        from ._fused import dynamic_sampling_mask_triton
 
         return dynamic_sampling_mask_triton(rewards, groups)
     return _dynamic_sampling_mask_torch(rewards, groups)
@@ -98,8 +98,8 @@ def soft_overlong_penalty(
         raise ValueError(f"lengths must be non-negative, got min {lengths.min().item()}")
     if lengths.dtype.is_floating_point and bool(torch.isnan(lengths).any()):
         raise ValueError("lengths must not contain NaN")
-    if resolve_backend(backend, lengths) == "triton":
-        from .kernels.shaping import soft_overlong_penalty_triton
+    if resolve_backend(backend, lengths) == "triton" and lengths.dtype != torch.float64:
+        from ._fused import soft_overlong_penalty_triton
 
         return soft_overlong_penalty_triton(lengths, max_len, cache_len, factor)
     return _soft_overlong_penalty_torch(lengths, max_len, cache_len, factor)
