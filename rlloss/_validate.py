@@ -96,6 +96,10 @@ def check_number(
     """A finite Python number (bools refused) within optional bounds."""
     if value is None and allow_none:
         return None
+    if torch.compiler.is_compiling():
+        # under torch.compile(dynamic=True) a number may be symbolic: testing its value would guard on
+        # it or break the graph. Eager calls check it; the compiled graph is traced from the same code.
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
