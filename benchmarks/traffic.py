@@ -447,6 +447,60 @@ def count_backend(problem: Any, recipe: Any, backend: str) -> Counts:
 
 
 # ---------------------------------------------------------------------------------------------
+# the loss from logits
+
+
+@dataclasses.dataclass
+class LogitsProblem:
+    """Inputs of ``policy_loss_from_logits``: ``[B, T, V]`` logits and the loss inputs."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    loss: Problem
+
+
+def make_logits_problem(b: int, t: int, v: int, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                        mask: str = "full", seed: int = 0) -> LogitsProblem:
+    """Random logits (scale 3) in ``dtype``, sampled-looking ids, and ``make_problem``'s loss inputs (fp32 log-probs)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    logits = (3 * torch.randn(b, t, v, generator=gen)).to(device=device, dtype=dtype)
+    ids = torch.randint(0, v, (b, t), generator=gen).to(device)
+    return LogitsProblem(logits.requires_grad_(True), ids, make_problem(b, t, torch.float32, device, mask=mask,
+                                                                        seed=seed))
+
+
+def minimum_bytes_from_logits(problem: LogitsProblem, recipe: Any) -> int:
+    """The logits read once and their gradient written once, plus the loss inputs read once and the loss."""
+    p = problem.loss
+    inputs = [problem.logits, problem.ids, p.old_logp, p.adv, p.mask] + ([p.ref_logp] if recipe.beta != 0 else [])
+    return sum(tensor_bytes(x) for x in inputs) + tensor_bytes(problem.logits) + 4
+
+
+def count_from_logits(problem: LogitsProblem, recipe: Any, backend: str, entropy_coef: float = 0.01) -> Counts:
+    """Counted forward + backward of ``policy_loss_from_logits`` (run once first, uncounted)."""
+    import rlloss
+
+    p = problem.loss
+    kw = recipe_kwargs(recipe, p.logp.shape[1])
+    if recipe.beta != 0:
+        kw["ref_logp"] = p.ref_logp
+    logits = problem.logits.detach().clone().requires_grad_(True)
+
+    def loss_fn() -> torch.Tensor:
+        return rlloss.policy_loss_from_logits(logits, problem.ids, p.old_logp, p.adv, p.mask, entropy_coef=entropy_coef,
+                                              backend=backend, **recipe.loss_kwargs(), **kw).loss
+
+    seed = torch.ones(())
+    torch.autograd.backward(loss_fn(), seed)
+
+    def step() -> None:
+        logits.grad = None
+        torch.autograd.backward(loss_fn(), seed)
+
+    return count_triton(step) if backend == "triton" else count_torch_ops(step)
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 

@@ -22,6 +22,7 @@ from torch.library import custom_op, register_autograd, register_fake
 
 from . import advantages as _advantages
 from . import aggregation as _aggregation
+from . import from_logits as _from_logits
 from . import kl as _kl
 from . import logits as _logits
 from . import policy_loss as _policy_loss
@@ -71,7 +72,7 @@ def _(logp, old_logp, adv, mask, ref_logp, token_weights, num_tokens, num_seqs, 
     B = logp.shape[0]
     f32 = torch.float32
     g = logp.new_empty(logp.shape if needs_grad else (0,), dtype=grad_buffer_dtype(logp.dtype))
-    return (logp.new_empty((), dtype=f32), logp.new_empty(5, dtype=f32), g, logp.new_empty(1, dtype=f32),
+    return (logp.new_empty((), dtype=f32), logp.new_empty(_policy_loss.N_METRICS, dtype=f32), g, logp.new_empty(1, dtype=f32),
             logp.new_empty(max(B, 1), dtype=f32))
 
 
@@ -374,3 +375,97 @@ def _token_logprobs_grad(ctx, g_logp, g_entropy, _):
 
 
 register_autograd("rlloss::token_logprobs", _token_logprobs_grad, setup_context=_token_logprobs_setup)
+
+
+# --- policy_loss_from_logits: the loss straight from logits (4 launches forward + backward) --------
+
+
+@custom_op("rlloss::policy_loss_from_logits", mutates_args=())
+def policy_loss_from_logits(
+    logits: Tensor, ids: Tensor, mask: Tensor, old_logp: Tensor | None, adv: Tensor, ref_logp: Tensor | None,
+    token_weights: Tensor | None, num_tokens: Tensor | None, num_seqs: Tensor | None, temperature: float,
+    entropy_coef: float, inplace_backward: bool, objective: int, dual_or_low: bool, delta_or_high: bool,
+    params: list[float], row_stat: int, beta: float, kl_kind: int, kl_bias_correction: bool, max_log_ratio: float,
+    aggregation: int, max_tokens: float, num_tokens_value: float, num_seqs_value: float, dp_size: int,
+    needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, metrics, lse, entropy, g, factor, row_factor)``: see ``kernels.from_logits``.
+
+    ``inplace_backward`` is read by the registered backward only.
+    """
+    return _from_logits.policy_loss_from_logits_forward(
+        logits, ids, mask, old_logp, adv, ref_logp, token_weights, num_tokens, num_seqs, temperature=temperature,
+        entropy_coef=entropy_coef, needs_grad=needs_grad, objective=objective, dual_or_low=dual_or_low,
+        delta_or_high=delta_or_high, params=params, row_stat=row_stat, beta=beta, kl_kind=kl_kind,
+        kl_bias_correction=kl_bias_correction, max_log_ratio=max_log_ratio, aggregation=aggregation,
+        max_tokens=max_tokens, num_tokens_value=num_tokens_value, num_seqs_value=num_seqs_value, dp_size=dp_size,
+    )
+
+
+@register_fake("rlloss::policy_loss_from_logits")
+def _(logits, ids, mask, old_logp, adv, ref_logp, token_weights, num_tokens, num_seqs, temperature, entropy_coef,
+      inplace_backward, objective, dual_or_low, delta_or_high, params, row_stat, beta, kl_kind, kl_bias_correction,
+      max_log_ratio, aggregation, max_tokens, num_tokens_value, num_seqs_value, dp_size, needs_grad):
+    B, T, _ = logits.shape
+    f32 = torch.float32
+    g = logits.new_empty((B, T) if needs_grad else (0,), dtype=f32)
+    return (logits.new_empty((), dtype=f32), logits.new_empty(_policy_loss.N_METRICS, dtype=f32),
+            logits.new_empty((B, T), dtype=f32), logits.new_empty((B, T), dtype=f32), g,
+            logits.new_empty(1, dtype=f32), logits.new_empty(max(B, 1), dtype=f32))
+
+
+@custom_op("rlloss::policy_loss_from_logits_backward", mutates_args=())
+def policy_loss_from_logits_backward(logits: Tensor, ids: Tensor, mask: Tensor, lse: Tensor, entropy: Tensor,
+                                     g: Tensor, grad_loss: Tensor, factor: Tensor, row_factor: Tensor,
+                                     temperature: float, entropy_coef: float) -> Tensor:
+    """d loss / d logits, a new ``[B, T, V]`` tensor in the logits' dtype."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _logits.policy_loss_from_logits_backward(logits, ids, mask, lse, entropy, g, grad_loss, factor, row_factor,
+                                             temperature, entropy_coef, grad)
+    return grad
+
+
+@register_fake("rlloss::policy_loss_from_logits_backward")
+def _(logits, ids, mask, lse, entropy, g, grad_loss, factor, row_factor, temperature, entropy_coef):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@custom_op("rlloss::policy_loss_from_logits_backward_", mutates_args=("logits",))
+def policy_loss_from_logits_backward_(logits: Tensor, ids: Tensor, mask: Tensor, lse: Tensor, entropy: Tensor,
+                                      g: Tensor, grad_loss: Tensor, factor: Tensor, row_factor: Tensor,
+                                      temperature: float, entropy_coef: float) -> None:
+    """d loss / d logits written over ``logits`` (which must have a unit vocabulary stride)."""
+    _logits.policy_loss_from_logits_backward(logits, ids, mask, lse, entropy, g, grad_loss, factor, row_factor,
+                                             temperature, entropy_coef, logits)
+
+
+@register_fake("rlloss::policy_loss_from_logits_backward_")
+def _(logits, ids, mask, lse, entropy, g, grad_loss, factor, row_factor, temperature, entropy_coef):
+    return None
+
+
+def _from_logits_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    logits, ids, mask = inputs[:3]
+    _, metrics, lse, entropy, g, factor, row_factor = output
+    ctx.mark_non_differentiable(metrics, lse, entropy, g, factor, row_factor)
+    ctx.save_for_backward(logits, ids, mask, lse, entropy, g, factor, row_factor)
+    ctx.temperature, ctx.entropy_coef, ctx.has_grad = inputs[9], inputs[10], inputs[-1]
+    ctx.inplace = inputs[11] and logits.stride(2) == 1 and not torch.compiler.is_compiling()
+
+
+def _from_logits_grad(ctx, grad_loss, *_):
+    n_inputs = 27
+    if grad_loss is None or not ctx.has_grad:
+        return (None,) * n_inputs
+    logits, ids, mask, lse, entropy, g, factor, row_factor = ctx.saved_tensors
+    args = (ids, mask, lse, entropy, g, grad_loss, factor, row_factor, ctx.temperature, ctx.entropy_coef)
+    if ctx.inplace:
+        torch.ops.rlloss.policy_loss_from_logits_backward_(logits, *args)
+        grad = logits
+    else:
+        grad = torch.ops.rlloss.policy_loss_from_logits_backward(logits, *args)
+    return (grad,) + (None,) * (n_inputs - 1)
+
+
+register_autograd("rlloss::policy_loss_from_logits", _from_logits_grad, setup_context=_from_logits_setup)

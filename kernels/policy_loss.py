@@ -34,8 +34,10 @@ from ._common import (
 )
 
 # partial sums per chunk, in this order
-N_PARTIALS = 7
-LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
+N_PARTIALS = 8
+LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL, ENTROPY = range(N_PARTIALS)
+# metrics the combine writes, in this order (the entropy mean is 0 unless the pass had an entropy)
+N_METRICS = 6
 COMBINE_TILE = 1024
 # The combine is one program: 8 warps share its tile (4 warps made ptxas spill 8 bytes on sm_80).
 COMBINE_WARPS = 8
@@ -74,7 +76,7 @@ def _row_log_ratio_kernel(
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr, ent_ptr,
     T, C, n_chunks_total,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_w_b, s_w_t,
     p0, p1, p2, p3, max_log_ratio, beta, kl_clamp,
@@ -82,7 +84,7 @@ def _policy_loss_fwd_kernel(
     HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, WEIGHTS: tl.constexpr,
     HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, KL_KIND: tl.constexpr, KL_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, entropy_coef=0.0, HAS_ENTROPY: tl.constexpr = False,
 ):
     """ROW_STAT 0: none; 1: GSPO, d is the row's mean log-ratio; 2: VESPO, the row's clamped sum.
     WEIGHTS 0: none; 1: per row [B]; 2: per token [B, T]."""
@@ -139,6 +141,9 @@ def _policy_loss_fwd_kernel(
             grad = grad + beta * dkl
     loss = tl.where(valid, loss, 0.0)
     grad = tl.where(valid, grad, 0.0)
+    if HAS_ENTROPY:  # from logits: minus coef * entropy, aggregated as the loss (ent_ptr [B, T] fp32)
+        ent = tl.where(valid, tl.load(ent_ptr + row * T + offs, mask=in_row, other=0.0), 0.0)
+        loss = loss - entropy_coef * ent
 
     if WRITE_GRAD:  # contiguous [B, T] buffer: every in-range position written
         tl.store(grad_ptr + row * T + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
@@ -152,6 +157,8 @@ def _policy_loss_fwd_kernel(
         tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_c, 1.0, 0.0), axis=0))
         tl.store(part_ptr + RATIO_ * n_chunks_total + pid, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
         tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+        if HAS_ENTROPY:
+            tl.store(part_ptr + ENTROPY_ * n_chunks_total + pid, tl.sum(ent, axis=0))
 
 
 # partial indices as compile-time constants inside the kernels
@@ -162,6 +169,7 @@ CLIP_HIGH_: tl.constexpr = tl.constexpr(CLIP_HIGH)
 CLIP_DUAL_: tl.constexpr = tl.constexpr(CLIP_DUAL)
 RATIO_: tl.constexpr = tl.constexpr(RATIO)
 KL_: tl.constexpr = tl.constexpr(KL)
+ENTROPY_: tl.constexpr = tl.constexpr(ENTROPY)
 
 
 @triton.jit
@@ -184,7 +192,7 @@ def _combine_kernel(
     B, C, n_chunks_total,
     num_tokens_ptr, num_tokens, num_seqs_ptr, num_seqs, max_tokens, dp_size,
     AGG: tl.constexpr, TOKENS_MODE: tl.constexpr, SEQS_MODE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ENTROPY: tl.constexpr = False,
 ):
     """Single program: rows in blocks of BLOCK_R, each row's chunks summed in order."""
     rows0 = tl.arange(0, BLOCK_R)
@@ -197,6 +205,7 @@ def _combine_kernel(
     clip_dual = tl.zeros((), tl.float32)
     ratio = tl.zeros((), tl.float32)
     kl = tl.zeros((), tl.float32)
+    ent = tl.zeros((), tl.float32)
     for r0 in range(0, B, BLOCK_R):
         rows = r0 + rows0
         idx = rows[:, None] * C + chunks[None, :]
@@ -210,6 +219,9 @@ def _combine_kernel(
         clip_dual += tl.sum(tl.sum(tl.load(part_ptr + CLIP_DUAL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
         ratio += tl.sum(tl.sum(tl.load(part_ptr + RATIO_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
         kl += tl.sum(tl.sum(tl.load(part_ptr + KL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        if HAS_ENTROPY:
+            ent += tl.sum(tl.sum(tl.load(part_ptr + ENTROPY_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1),
+                          axis=0)
         if AGG == 1:  # seq_mean_token_mean: each row normalised by its own count
             row_mean_sum += tl.sum(_safe_div(row_loss, row_count), axis=0)
             tl.store(row_factor_ptr + rows, _safe_div(1.0, row_count), mask=rows < B)
@@ -241,6 +253,7 @@ def _combine_kernel(
     tl.store(metrics_ptr + 2, _safe_div(clip_dual, count))
     tl.store(metrics_ptr + 3, _safe_div(ratio, count))
     tl.store(metrics_ptr + 4, _safe_div(kl, count))
+    tl.store(metrics_ptr + 5, _safe_div(ent, count))
     tl.store(factor_ptr, factor * dp_size)
 
 
@@ -293,6 +306,8 @@ def per_token_pass(
     write_grad: bool,
     write_partials: bool,
     write_token_loss: bool,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
     """Launch the row-statistics (GSPO, VESPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
     B, T = logp.shape
@@ -323,7 +338,7 @@ def per_token_pass(
         logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp,
         dummy if token_weights is None else token_weights, stats if row_stat else dummy,
         dummy if g is None else g, dummy if partials is None else partials, dummy if token_loss is None else token_loss,
-        T, C, n,
+        dummy if entropy is None else entropy, T, C, n,
         *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp), *w_strides,
         *(float(p) for p in params), float(max_log_ratio), float(beta), KL_INPUT_CLAMP,
         OBJ=objective, F1=dual_or_low, F2=delta_or_high, ROW_STAT=row_stat,
@@ -331,7 +346,8 @@ def per_token_pass(
         HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=kl_kind,
         KL_BIAS=ref_logp is not None and kl_bias_correction,
         WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
-        BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), num_warps=NUM_WARPS,
+        BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), entropy_coef=float(entropy_coef),
+        HAS_ENTROPY=entropy is not None, num_warps=NUM_WARPS,
     )
     return g, partials, token_loss, C
 
@@ -383,8 +399,14 @@ def policy_loss_forward(
     num_seqs_value: float,
     dp_size: int,
     needs_grad: bool,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused ``policy_loss`` forward: ``(loss, metrics[5], g, factor[1], row_factor[max(B, 1)])``.
+    """The fused ``policy_loss`` forward: ``(loss, metrics[N_METRICS], g, factor[1], row_factor[max(B, 1)])``.
+
+    Metrics: clip_low, clip_high, clip_dual (the objective's three indicators), ratio mean, KL mean,
+    entropy mean. With ``entropy`` (contiguous fp32 ``[B, T]``, from logits) the loss gains
+    ``- entropy_coef * entropy`` per token, aggregated with the same normaliser.
 
     ``g`` is d loss / d logp before the normaliser (``grad_buffer_dtype``; empty without
     ``needs_grad``); backward is ``scale_grad(g, grad_loss, factor, row_factor)``. Counts come as a
@@ -395,11 +417,11 @@ def policy_loss_forward(
         logp, old_logp, adv, mask, ref_logp, objective=objective, dual_or_low=dual_or_low,
         delta_or_high=delta_or_high, params=params, row_stat=row_stat, beta=beta, kl_kind=kl_kind,
         kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
-        write_grad=needs_grad, write_partials=True, write_token_loss=False,
+        write_grad=needs_grad, write_partials=True, write_token_loss=False, entropy=entropy, entropy_coef=entropy_coef,
     )
     dev = logp.device
     loss = torch.empty((), dtype=torch.float32, device=dev)
-    metrics = torch.empty(5, dtype=torch.float32, device=dev)
+    metrics = torch.empty(N_METRICS, dtype=torch.float32, device=dev)
     factor = torch.empty(1, dtype=torch.float32, device=dev)
     row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
     tok_ptr, tok_val, tok_mode = _count_args(num_tokens, num_tokens_value, 0.0, factor)
@@ -408,7 +430,8 @@ def policy_loss_forward(
         partials, loss, metrics, factor, row_factor, B, C, B * C,
         tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens), float(dp_size),
         AGG=aggregation, TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
-        BLOCK_R=combine_block_rows(C), BLOCK_C=triton.next_power_of_2(max(C, 1)), num_warps=COMBINE_WARPS,
+        BLOCK_R=combine_block_rows(C), BLOCK_C=triton.next_power_of_2(max(C, 1)), HAS_ENTROPY=entropy is not None,
+        num_warps=COMBINE_WARPS,
     )
     if g is None:
         g = logp.new_empty(0)

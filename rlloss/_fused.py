@@ -159,3 +159,27 @@ def soft_overlong_penalty_triton(lengths, max_len, cache_len, factor) -> torch.T
 def token_logprobs_triton(logits, ids, temperature, return_entropy, inplace_backward=False):
     logp, entropy, _ = ops().token_logprobs(logits, ids, float(temperature), return_entropy, inplace_backward)
     return logp, entropy if return_entropy else None
+
+
+def policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef, inplace_backward, old_logp, adv, mask,
+                                   objective, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
+                                   aggregation, max_tokens, num_tokens, num_seqs, dp_size):
+    """The fused ``policy_loss_from_logits`` on validated inputs: ``(loss, metrics)``, metrics with
+    ``entropy_mean``. Ids are read only where ``mask`` is True."""
+    switches, slots = objective_switches(objective)
+    tok, tok_value = _count(num_tokens)
+    seq, seq_value = _count(num_seqs)
+    loss, metrics, *_ = ops().policy_loss_from_logits(
+        logits, ids, mask, _detach(old_logp), adv.detach(), _detach(ref_logp), _detach(token_weights), tok, seq,
+        float(temperature), float(entropy_coef), inplace_backward, **switches, beta=float(beta),
+        kl_kind=KL_KIND_CODES[kl], kl_bias_correction=ref_logp is not None and kl_bias_correction,
+        max_log_ratio=float(max_log_ratio), aggregation=AGGREGATION_CODES[aggregation],
+        max_tokens=float(max_tokens or 1.0), num_tokens_value=tok_value, num_seqs_value=seq_value, dp_size=dp_size,
+        needs_grad=_needs_grad(logits),
+    )
+    out = {name: metrics[i] for i, name in enumerate(slots)}
+    out["ratio_mean"] = metrics[3]
+    if ref_logp is not None:
+        out["kl_mean"] = metrics[4]
+    out["entropy_mean"] = metrics[5]
+    return loss, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -9,7 +10,11 @@ import torch
 from ._dispatch import resolve_backend
 from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor
 from .aggregation import aggregate, safe_div
-from .loss import PolicyLoss, policy_loss
+from .loss import PolicyLoss, check_policy_loss_args, policy_loss
+
+# policy_loss's keyword options and their defaults, read from its signature (one source)
+POLICY_LOSS_OPTIONS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
+                       if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
 
 
 def check_logits(logits: object, ids: object) -> None:
@@ -152,6 +157,18 @@ def policy_loss_from_logits(
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
     chosen = resolve_backend(backend, logits, ids, old_logp, adv, mask)
+    unknown = sorted(set(loss_options) - set(POLICY_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"policy_loss_from_logits got an unexpected keyword argument {unknown[0]!r} (the loss options "
+                        f"are policy_loss's: {sorted(POLICY_LOSS_OPTIONS)})")
+    if chosen == "triton":
+        from ._fused import fused_dtype, fused_support, policy_loss_from_logits_triton
+
+        # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
+        args = check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
+        if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
+            return PolicyLoss(*policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef,
+                                                              inplace_backward, *args[1:]))
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
     check_ids_in_range(safe_ids, logits.shape[2])
     if chosen == "triton" and logits.dtype != torch.float64:

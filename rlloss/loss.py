@@ -137,6 +137,41 @@ def check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tens
     return w
 
 
+def check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
+                           eps_low, eps_high, dual_clip, delta, level, max_log_ratio, aggregation, max_tokens,
+                           num_tokens, num_seqs, dp_size) -> tuple:
+    """Validate ``policy_loss``'s arguments once: the reference's and the kernels' argument tuple
+    ``(logp, old_logp, adv, mask (bool), objective, ref_logp, beta, kl, kl_bias_correction,
+    token_weights, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)``."""
+    mask, _ = check_surrogate_args(
+        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
+        max_log_ratio=max_log_ratio,
+    )
+    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
+                                               "delta": delta, "level": level})
+    check_number("beta", beta, low=0)
+    check_choice("kl", kl, KL_KINDS)
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    token_weights = check_token_weights(token_weights, logp)
+    if ref_logp is not None:
+        check_float("ref_logp", ref_logp)
+        check_same_shape("ref_logp", ref_logp, "logp", logp)
+        check_same_device(logp=logp, ref_logp=ref_logp)
+    elif beta != 0:
+        raise ValueError(f"beta={beta} adds a KL penalty, which needs ref_logp; got ref_logp=None")
+    max_tokens, num_tokens, num_seqs = check_aggregation(
+        aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+        device=logp.device,
+    )
+    if obj.per_row and aggregation != "seq_mean_token_mean":
+        raise ValueError(f'objective {obj.name} is per sequence and takes only aggregation="seq_mean_token_mean", '
+                         f"got aggregation={aggregation!r}")
+    args = (logp, old_logp, adv, mask, obj, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
+            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    return args
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -229,32 +264,10 @@ def policy_loss(
         ``PolicyLoss(loss, metrics)``: a 0-d fp32 loss (fp64 for fp64 inputs) and a dict of 0-d
         detached fp32 metrics.
     """
-    mask, _ = check_surrogate_args(
-        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
-        max_log_ratio=max_log_ratio,
-    )
-    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
-                                               "delta": delta, "level": level})
-    check_number("beta", beta, low=0)
-    check_choice("kl", kl, KL_KINDS)
-    if not isinstance(kl_bias_correction, bool):
-        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
-    token_weights = check_token_weights(token_weights, logp)
-    if ref_logp is not None:
-        check_float("ref_logp", ref_logp)
-        check_same_shape("ref_logp", ref_logp, "logp", logp)
-        check_same_device(logp=logp, ref_logp=ref_logp)
-    elif beta != 0:
-        raise ValueError(f"beta={beta} adds a KL penalty, which needs ref_logp; got ref_logp=None")
-    max_tokens, num_tokens, num_seqs = check_aggregation(
-        aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-        device=logp.device,
-    )
-    if obj.per_row and aggregation != "seq_mean_token_mean":
-        raise ValueError(f'objective {obj.name} is per sequence and takes only aggregation="seq_mean_token_mean", '
-                         f"got aggregation={aggregation!r}")
-    args = (logp, old_logp, adv, mask, obj, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
-            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    args = check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction,
+                                  token_weights, eps_low, eps_high, dual_clip, delta, level, max_log_ratio,
+                                  aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    obj, mask = args[4], args[3]
     chosen = resolve_backend(backend, logp, old_logp, adv, mask, ref_logp)
     if chosen == "triton":
         from ._fused import fused_dtype, fused_support, policy_loss_triton

@@ -100,6 +100,20 @@ def other_cases():
     yield "ids", ops.dynamic_sampling_mask, (torch.tensor([1, 1, 0, 1, 5]), torch.tensor([0, 1, 0, 1, 7]), 0)
     yield "ints", ops.soft_overlong_penalty, (torch.tensor([0, 10, 17, 30]), 20.0, 8.0, 1.0)
     yield "floats", ops.soft_overlong_penalty, (torch.tensor([0.0, 12.5, 30.0]), 20.0, 8.0, 0.5)
+    for name, dtype in DTYPES.items():
+        logits = torch.randn(3, 6, 41).to(dtype).requires_grad_(True)
+        ids = torch.randint(0, 41, (3, 6))
+        mask = _mask(3, 6)
+        old, adv = _logp(3, 6, torch.float32, seed=2, grad=False), torch.randn(3)
+        sw = _ppo()
+        args = (logits, ids, mask, old, adv, old - 0.1, None, None, None, 0.8, 0.01, False, sw["objective"],
+                sw["dual_or_low"], sw["delta_or_high"], sw["params"], 0, 0.04, KL_KIND_CODES["k3"], False, 20.0,
+                AGGREGATION_CODES["token_mean"], 1.0, -1.0, -1.0, 1, True)
+        yield name, ops.policy_loss_from_logits, args
+        _, _, lse, ent, g, factor, row_factor = ops.policy_loss_from_logits(*args)
+        bwd = (ids, mask, lse, ent, g, torch.tensor(1.0), factor, row_factor, 0.8, 0.01)
+        yield name, ops.policy_loss_from_logits_backward, (logits.detach(),) + bwd
+        yield name, ops.policy_loss_from_logits_backward_, (logits.detach().clone(),) + bwd
     pl = list(policy_loss_cases())[0][2]
     loss, metrics, g, factor, row_factor = ops.policy_loss(*pl)
     yield "bf16-buffer", ops.policy_loss_backward, (g.detach(), torch.tensor(1.5), factor, row_factor,
