@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlloss._constants import FUSED_OBJECTIVES, OBJECTIVE_CODES
+from rlloss._constants import FUSED_OBJECTIVES, LOG_FLOOR, OBJECTIVE_CODES
+
+LOG_FLOOR_: tl.constexpr = tl.constexpr(LOG_FLOOR)
 
 # A program handles one chunk of one row: long rows are split so a few of them still fill the GPU,
 # and a row's chunks are combined in a fixed order afterwards (no atomics: bitwise deterministic).
@@ -140,7 +142,7 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
             ok_pos = p - q <= p1
             ok_neg = p - q >= -p0
         else:
-            b = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            b = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + LOG_FLOOR_) / (1.0 - p + LOG_FLOOR_))
             ok_pos = (b <= p1) | (p <= q)
             ok_neg = (b <= p0) | (p >= q)
         ok = tl.where(adv > 0, ok_pos, ok_neg)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES
+from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES, LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX
 
 from ._common import (
     _clamp,
@@ -114,7 +114,7 @@ def _policy_loss_fwd_kernel(
             n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
             d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
         else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
-            lw = tl.zeros_like(d) + _clamp(d_sum, -18.420680743952367, 20.0)  # log 1e-8, 20
+            lw = tl.zeros_like(d) + _clamp(d_sum, LOG_OF_FLOOR_, ROW_LOG_WEIGHT_MAX_)
 
     loss, grad, ratio, flag_a, flag_b, flag_c = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
                                                                OBJ, F1, F2)
@@ -170,6 +170,8 @@ CLIP_DUAL_: tl.constexpr = tl.constexpr(CLIP_DUAL)
 RATIO_: tl.constexpr = tl.constexpr(RATIO)
 KL_: tl.constexpr = tl.constexpr(KL)
 ENTROPY_: tl.constexpr = tl.constexpr(ENTROPY)
+LOG_OF_FLOOR_: tl.constexpr = tl.constexpr(LOG_OF_FLOOR)
+ROW_LOG_WEIGHT_MAX_: tl.constexpr = tl.constexpr(ROW_LOG_WEIGHT_MAX)
 
 
 @triton.jit

@@ -15,6 +15,10 @@ MAX_LOG_RATIO = 20.0
 # the floor under a probability or weight before its log (DPPO's binary KL, VESPO's row weight)
 LOG_FLOOR = 1e-8
 LOG_OF_FLOOR = math.log(LOG_FLOOR)
+# VESPO's row log-weight is clamped to [LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX]
+ROW_LOG_WEIGHT_MAX = 20.0
+# VESPO's lambda floor (lam = 0 would make its weight flat at 1: a floor keeps the shape)
+VESPO_MIN_LAM = 1e-4
 
 KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")

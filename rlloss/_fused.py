@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._constants import AGGREGATION_CODES, KL_KIND_CODES, OBJECTIVE_CODES
+from ._constants import AGGREGATION_CODES, KL_KIND_CODES, OBJECTIVE_CODES, VESPO_MIN_LAM
 from .objectives import CISPO, DPPO, DRO, GMPO, PPO, SAPO, VESPO, ClipCov, KLCov, Objective, Reinforce
 
 SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
@@ -76,8 +76,8 @@ def objective_switches(objective: Objective) -> tuple[dict, tuple[str, ...]]:
     if isinstance(objective, DRO):
         return args("dro", (objective.beta,)), ()
     if isinstance(objective, VESPO):
-        return args("vespo", (objective.k_pos, max(objective.lam_pos, 1e-4), objective.k_neg,
-                              max(objective.lam_neg, 1e-4)), row_stat=2), ()
+        return args("vespo", (objective.k_pos, max(objective.lam_pos, VESPO_MIN_LAM), objective.k_neg,
+                              max(objective.lam_neg, VESPO_MIN_LAM)), row_stat=2), ()
     raise ValueError(f"no fused kernel for objective {type(objective).__name__}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -13,7 +14,8 @@ from .kl import KL_KINDS, kl_terms
 from .objectives import GMPO, PPO, Objective, resolve_objective
 from .surrogates import check_surrogate_args, prepare_inputs
 
-PPO_DEFAULTS = {"eps_low": 0.2, "eps_high": None, "dual_clip": None, "delta": None, "level": "token"}
+# the flat PPO arguments' defaults are the PPO dataclass's (one source)
+PPO_DEFAULTS = {field.name: field.default for field in dataclasses.fields(PPO)}
 
 
 class PolicyLoss(NamedTuple):
