@@ -26,6 +26,8 @@ from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES, LOG_OF_FLOOR, ROW_L
 from ._common import (
     _clamp,
     NUM_WARPS,
+    OBJ_CISPO,
+    OBJ_PPO,
     as_bytes,
     block_t,
     grad_buffer_dtype,
@@ -80,7 +82,8 @@ def _policy_loss_fwd_kernel(
     T, C, n_chunks_total,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_w_b, s_w_t,
     p0, p1, p2, p3, max_log_ratio, beta, kl_clamp,
-    OBJ: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROW_STAT: tl.constexpr,
+    OBJ: tl.constexpr, DUAL_CLIP: tl.constexpr, DELTA: tl.constexpr, CLAMP_LOW: tl.constexpr,
+    CLAMP_HIGH: tl.constexpr, ROW_STAT: tl.constexpr,
     HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, WEIGHTS: tl.constexpr,
     HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, KL_KIND: tl.constexpr, KL_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
@@ -116,8 +119,8 @@ def _policy_loss_fwd_kernel(
         else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
             lw = tl.zeros_like(d) + _clamp(d_sum, LOG_OF_FLOOR_, ROW_LOG_WEIGHT_MAX_)
 
-    loss, grad, ratio, flag_a, flag_b, flag_c = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
-                                                               OBJ, F1, F2)
+    loss, grad, ratio, low_hit, high_hit, dual_hit = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
+                                                               OBJ, DUAL_CLIP, DELTA, CLAMP_LOW, CLAMP_HIGH)
     if WEIGHTS == 1:
         w = tl.where(valid, tl.load(w_ptr + row * s_w_b).to(tl.float32), 0.0)
         loss = loss * w
@@ -152,9 +155,9 @@ def _policy_loss_fwd_kernel(
     if WRITE_PARTIALS:
         tl.store(part_ptr + LOSS_ * n_chunks_total + pid, tl.sum(loss, axis=0))
         tl.store(part_ptr + COUNT_ * n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
-        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_a, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_b, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_c, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & low_hit, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & high_hit, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & dual_hit, 1.0, 0.0), axis=0))
         tl.store(part_ptr + RATIO_ * n_chunks_total + pid, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
         tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
         if HAS_ENTROPY:
@@ -343,7 +346,9 @@ def per_token_pass(
         dummy if entropy is None else entropy, T, C, n,
         *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp), *w_strides,
         *(float(p) for p in params), float(max_log_ratio), float(beta), KL_INPUT_CLAMP,
-        OBJ=objective, F1=dual_or_low, F2=delta_or_high, ROW_STAT=row_stat,
+        OBJ=objective, DUAL_CLIP=objective == OBJ_PPO and dual_or_low, DELTA=objective == OBJ_PPO and delta_or_high,
+        CLAMP_LOW=objective == OBJ_CISPO and dual_or_low, CLAMP_HIGH=objective == OBJ_CISPO and delta_or_high,
+        ROW_STAT=row_stat,
         HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode,
         HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=kl_kind,
         KL_BIAS=ref_logp is not None and kl_bias_correction,
