@@ -128,6 +128,18 @@ def check_count(name: str, value: object, device: torch.device) -> Number | torc
     return check_number(name, value, low=0)
 
 
+def check_values(ok: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """A check of tensor values (``ok`` a bool tensor, all True when the input is good).
+
+    Eager: ``error(message)`` when any is False (one device sync, for small per-batch inputs).
+    While compiling: ``torch._assert_async``, a device-side check with no graph break and no sync.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise error(message)
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """fp32 arithmetic for fp32/bf16/fp16 inputs; fp64 when any input is fp64 (gradcheck)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -17,6 +17,7 @@ from ._validate import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    check_values,
     compute_dtype,
 )
 
@@ -128,8 +129,8 @@ def group_advantages(
     check_choice("singleton", singleton, SINGLETONS)
     # eps keeps an all-equal group (std 0) from dividing 0 by 0; it only matters where std divides
     check_number("eps", eps, low=0, low_inclusive=scale == "none")
-    if rewards.dtype.is_floating_point and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite, got NaN or inf values")
+    if rewards.dtype.is_floating_point:
+        check_values(torch.isfinite(rewards), "rewards must be finite, got NaN or inf values")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
     if resolve_backend(backend, rewards) == "triton" and rewards.dtype != torch.float64:

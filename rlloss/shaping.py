@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_groups, check_number, check_tensor
+from ._validate import check_groups, check_number, check_tensor, check_values
 from .advantages import group_index
 
 
@@ -38,8 +38,8 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: int | torch.Tensor, *, 
     if rewards.is_complex():
         raise TypeError(f"rewards must be real, got {rewards.dtype}")
     groups = check_groups(groups, rewards.shape[0], rewards.device)
-    if rewards.dtype.is_floating_point and bool(torch.isnan(rewards).any()):
-        raise ValueError("rewards must not contain NaN")
+    if rewards.dtype.is_floating_point:
+        check_values(~torch.isnan(rewards), "rewards must not contain NaN")
     if resolve_backend(backend, rewards) == "triton":
         from ._fused import dynamic_sampling_mask_triton
 
@@ -94,10 +94,9 @@ def soft_overlong_penalty(
     if cache_len > max_len:
         raise ValueError(f"cache_len must be <= max_len, got cache_len={cache_len} > max_len={max_len}")
     check_number("factor", factor, low=0)
-    if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"lengths must be non-negative, got min {lengths.min().item()}")
-    if lengths.dtype.is_floating_point and bool(torch.isnan(lengths).any()):
-        raise ValueError("lengths must not contain NaN")
+    check_values(~(lengths < 0), "lengths must be non-negative, got a negative length")
+    if lengths.dtype.is_floating_point:
+        check_values(~torch.isnan(lengths), "lengths must not contain NaN")
     if resolve_backend(backend, lengths) == "triton" and lengths.dtype != torch.float64:
         from ._fused import soft_overlong_penalty_triton
 

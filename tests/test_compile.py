@@ -98,3 +98,26 @@ def test_step_from_logits_compiles_whole_under_aot_eager(backend):
 
 def test_step_compiles_whole_under_inductor():
     run_case(step_logprobs, "triton", "inductor")
+
+
+def shaping_step(rewards, lengths, backend):
+    shaped = rewards + rlloss.soft_overlong_penalty(lengths, max_len=16, cache_len=4, backend=backend)
+    keep = rlloss.dynamic_sampling_mask(shaped, 4, backend=backend)
+    return rlloss.group_advantages(shaped, 4, backend=backend) * keep
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_value_checks_do_not_break_the_graph(backend):
+    """The per-batch checks that read values (finite rewards, non-negative lengths) become device-side
+    asserts while compiling: the shaping step compiles whole, to the eager values, once over sizes."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(shaping_step, backend=counter, fullgraph=True, dynamic=True)
+    first = None
+    for n in (8, 12, 20):
+        gen = torch.Generator().manual_seed(n)
+        rewards = torch.randint(0, 2, (n,), generator=gen).float()
+        lengths = torch.randint(0, 20, (n,), generator=gen)
+        torch.testing.assert_close(compiled(rewards, lengths, backend), shaping_step(rewards, lengths, backend))
+        first = counter.frame_count if first is None else first
+    assert counter.frame_count == first, "recompiled for another batch size (dynamic=True)"
