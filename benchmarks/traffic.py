@@ -157,6 +157,10 @@ class _AtenRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        body = _custom_op_body(func)
+        if body is not None:  # an rlloss op is no launch itself: what it runs inside is counted
+            with self:
+                return body(*args, **kwargs)
         out = func(*args, **kwargs)
         key = _op_key(func)
         if key == _SYNC:
@@ -171,6 +175,16 @@ class _AtenRecorder(TorchDispatchMode):
         else:
             self.counts.launches.append(Launch(f"aten.{key}", "aten", *_aten_bytes(func, args, kwargs, out)))
         return out
+
+
+def _custom_op_body(func: Any) -> Callable | None:
+    """The Python body of an ``rlloss::`` custom op (``torch.library.custom_op``), else None."""
+    if func.namespace != "rlloss":
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name)
+    return None if opdef is None else opdef._init_fn
 
 
 def _aten_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:
@@ -361,6 +375,60 @@ def count_backend(problem: Any, recipe: Any, backend: str) -> Counts:
     if backend == "trl-inline":
         return count_torch_ops(fwd_bwd(trl_loss(*tensors, recipe), problem))
     step = fwd_bwd(rlloss_loss(*tensors, recipe, backend), problem)
+    return count_triton(step) if backend == "triton" else count_torch_ops(step)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss from logits
+
+
+@dataclasses.dataclass
+class LogitsProblem:
+    """Inputs of ``policy_loss_from_logits``: ``[B, T, V]`` logits and the loss inputs."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    loss: Problem
+
+
+def make_logits_problem(b: int, t: int, v: int, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                        mask: str = "full", seed: int = 0) -> LogitsProblem:
+    """Random logits (scale 3) in ``dtype``, sampled-looking ids, and ``make_problem``'s loss inputs (fp32 log-probs)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    logits = (3 * torch.randn(b, t, v, generator=gen)).to(device=device, dtype=dtype)
+    ids = torch.randint(0, v, (b, t), generator=gen).to(device)
+    return LogitsProblem(logits.requires_grad_(True), ids, make_problem(b, t, torch.float32, device, mask=mask,
+                                                                        seed=seed))
+
+
+def minimum_bytes_from_logits(problem: LogitsProblem, recipe: Any) -> int:
+    """The logits read once and their gradient written once, plus the loss inputs read once and the loss."""
+    p = problem.loss
+    inputs = [problem.logits, problem.ids, p.old_logp, p.adv, p.mask] + ([p.ref_logp] if recipe.beta != 0 else [])
+    return sum(tensor_bytes(x) for x in inputs) + tensor_bytes(problem.logits) + 4
+
+
+def count_from_logits(problem: LogitsProblem, recipe: Any, backend: str, entropy_coef: float = 0.01) -> Counts:
+    """Counted forward + backward of ``policy_loss_from_logits`` (run once first, uncounted)."""
+    import rlloss
+
+    p = problem.loss
+    kw = recipe_kwargs(recipe, p.logp.shape[1])
+    if recipe.beta != 0:
+        kw["ref_logp"] = p.ref_logp
+    logits = problem.logits.detach().clone().requires_grad_(True)
+
+    def loss_fn() -> torch.Tensor:
+        return rlloss.policy_loss_from_logits(logits, problem.ids, p.old_logp, p.adv, p.mask, entropy_coef=entropy_coef,
+                                              backend=backend, **recipe.loss_kwargs(), **kw).loss
+
+    seed = torch.ones(())
+    torch.autograd.backward(loss_fn(), seed)
+
+    def step() -> None:
+        logits.grad = None
+        torch.autograd.backward(loss_fn(), seed)
+
     return count_triton(step) if backend == "triton" else count_torch_ops(step)
 
 

@@ -6,6 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
+from rlloss._constants import FUSED_OBJECTIVES, LOG_FLOOR, OBJECTIVE_CODES
+
+LOG_FLOOR_: tl.constexpr = tl.constexpr(LOG_FLOOR)
+
 # A program handles one chunk of one row: long rows are split so a few of them still fill the GPU,
 # and a row's chunks are combined in a fixed order afterwards (no atomics: bitwise deterministic).
 MAX_BLOCK_T = 1024
@@ -54,97 +58,107 @@ def all_false(x):
 
 
 # objective codes of the fused per-token kernel (compile-time switches, one binary each)
-OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = range(8)
+OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = (
+    OBJECTIVE_CODES[name] for name in FUSED_OBJECTIVES)
+PPO_, CISPO_, SAPO_, REINFORCE_, DPPO_TV_, DPPO_KL_, DRO_, VESPO_ = (
+    tl.constexpr(code) for code in (OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO,
+                                    OBJ_VESPO))
 
 
 @triton.jit
-def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
-                    OBJ: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr):
+def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio, OBJ: tl.constexpr,
+                    DUAL_CLIP: tl.constexpr, DELTA: tl.constexpr, CLAMP_LOW: tl.constexpr, CLAMP_HIGH: tl.constexpr):
     """Mirror of the objectives' ``token_loss`` (``rlloss.objectives``), with d loss / d logp.
 
-    ``d`` is the log-ratio (the row mean for GSPO), ``lw`` VESPO's row log-weight. Parameters by
-    objective: PPO ``p0, p1`` = the clip bounds ``1-eps_low, 1+eps_high``, ``p2`` the dual clip
-    (F1), ``p3`` delta (F2); CISPO ``p0, p1`` = low (F1), high (F2); SAPO ``p0, p1`` = tau_pos,
-    tau_neg; DPPO ``p0, p1, p2`` = low, high, weight_cap; DRO ``p0`` = beta; VESPO ``p0..p3`` =
-    k_pos, lam_pos, k_neg, lam_neg. Returns loss, gradient, ratio (for the metric) and three
-    metric indicators.
+    ``d`` is the log-ratio (the row mean for GSPO), ``lw`` VESPO's row log-weight. The four
+    parameter slots take the objective's numbers, named at the top of its branch (the dispatch
+    layer's ``objective_switches`` fills them); ``DUAL_CLIP``/``DELTA`` (PPO) and
+    ``CLAMP_LOW``/``CLAMP_HIGH`` (CISPO) say which optional bounds are set. Returns loss, gradient,
+    ratio (for the metric) and the three metric indicators (PPO clip_low, clip_high, clip_dual;
+    CISPO clip_low, clip_high; DPPO outside_region in the first).
     """
     # NaN propagates through every clamp and min, as in torch: a NaN at a valid token must surface
     dc = _clamp(d, -max_log_ratio, max_log_ratio)
     passes_clamp = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
     ratio = tl.exp(dc)
-    flag_a = all_false(d)
-    flag_b = flag_a
-    flag_c = flag_a
-    if OBJ == 0:  # PPO, with delta and dual clip
-        if F2:
-            unclipped = tl.minimum(ratio, p3, propagate_nan=NAN_ALL)
-            d_unclipped = (ratio <= p3).to(tl.float32)
+    low_hit = all_false(d)
+    high_hit = low_hit
+    dual_hit = low_hit
+    if OBJ == PPO_:  # with delta and dual clip
+        ratio_low, ratio_high, dual_clip, delta = p0, p1, p2, p3  # 1 - eps_low, 1 + eps_high, c, delta
+        if DELTA:
+            unclipped = tl.minimum(ratio, delta, propagate_nan=NAN_ALL)
+            d_unclipped = (ratio <= delta).to(tl.float32)
         else:
             unclipped = ratio
             d_unclipped = tl.full(ratio.shape, 1.0, tl.float32)
-        clipped = _clamp(ratio, p0, p1)
-        passes_clip = ((ratio >= p0) & (ratio <= p1)).to(tl.float32)
+        clipped = _clamp(ratio, ratio_low, ratio_high)
+        passes_clip = ((ratio >= ratio_low) & (ratio <= ratio_high)).to(tl.float32)
         unclipped_term = unclipped * adv
         clipped_term = clipped * adv
         w = tie_weight(unclipped_term, clipped_term)
         loss = -tl.minimum(unclipped_term, clipped_term, propagate_nan=NAN_ALL)
         dloss_dratio = -adv * (w * d_unclipped + (1.0 - w) * passes_clip)
         negative = adv < 0
-        flag_a = (ratio < p0) & negative
-        flag_b = (ratio > p1) & (adv > 0)
-        if F1:
-            bound = -p2 * adv
-            flag_c = negative & (loss > bound)
+        low_hit = (ratio < ratio_low) & negative
+        high_hit = (ratio > ratio_high) & (adv > 0)
+        if DUAL_CLIP:
+            bound = -dual_clip * adv
+            dual_hit = negative & (loss > bound)
             dloss_dratio = tl.where(negative, dloss_dratio * tie_weight(loss, bound), dloss_dratio)
             loss = tl.where(negative, tl.minimum(loss, bound, propagate_nan=NAN_ALL), loss)
         grad = dloss_dratio * ratio * passes_clamp
-    elif OBJ == 1:  # CISPO: -sg(clamp(r, low, high)) * A * logp
+    elif OBJ == CISPO_:  # -sg(clamp(r, low, high)) * A * logp
+        low, high = p0, p1
         weight = ratio
-        if F1:
-            weight = tl.maximum(weight, p0, propagate_nan=NAN_ALL)
-            flag_a = ratio < p0
-        if F2:
-            weight = tl.minimum(weight, p1, propagate_nan=NAN_ALL)
-            flag_b = ratio > p1
+        if CLAMP_LOW:
+            weight = tl.maximum(weight, low, propagate_nan=NAN_ALL)
+            low_hit = ratio < low
+        if CLAMP_HIGH:
+            weight = tl.minimum(weight, high, propagate_nan=NAN_ALL)
+            high_hit = ratio > high
         loss = -weight * adv * logp
         grad = -weight * adv
-    elif OBJ == 2:  # SAPO: -A * (4/tau) * sigmoid(tau * (r - 1))
-        tau = tl.where(adv > 0, p0, p1)
+    elif OBJ == SAPO_:  # -A * (4/tau) * sigmoid(tau * (r - 1))
+        tau_pos, tau_neg = p0, p1
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
         gate = tl.sigmoid(tau * (ratio - 1.0))
         loss = -adv * (4.0 / tau) * gate
         grad = -adv * 4.0 * gate * (1.0 - gate) * ratio * passes_clamp
-    elif OBJ == 3:  # REINFORCE: -A * logp
+    elif OBJ == REINFORCE_:  # -A * logp
         loss = -adv * logp
         grad = -adv
-    elif OBJ == 6:  # DRO: -(A * logp - beta/2 * d^2), d unclamped
-        loss = -(adv * logp - p0 / 2.0 * d * d)
-        grad = -(adv - p0 * d)
-    elif OBJ == 7:  # VESPO: -sg(phi) * A * logp
+    elif OBJ == DRO_:  # -(A * logp - beta/2 * d^2), d unclamped
+        beta = p0
+        loss = -(adv * logp - beta / 2.0 * d * d)
+        grad = -(adv - beta * d)
+    elif OBJ == VESPO_:  # -sg(phi) * A * logp
+        k_pos, lam_pos, k_neg, lam_neg = p0, p1, p2, p3
         w_row = tl.exp(lw)
         positive = adv >= 0
-        k = tl.where(positive, p0, p2)
-        lam = tl.where(positive, p1, p3)
+        k = tl.where(positive, k_pos, k_neg)
+        lam = tl.where(positive, lam_pos, lam_neg)
         phi = tl.exp(lam + k * lw - lam * w_row)
         loss = -phi * adv * logp
         grad = -phi * adv
         ratio = w_row
-    else:  # DPPO (4: total variation, 5: binary KL): -A * w * sg(ok) * logp
-        weight = tl.minimum(ratio, p2, propagate_nan=NAN_ALL)
+    else:  # DPPO (total variation or binary KL): -A * w * sg(ok) * logp
+        low, high, weight_cap = p0, p1, p2
+        weight = tl.minimum(ratio, weight_cap, propagate_nan=NAN_ALL)
         p = tl.exp(logp)
         q = tl.exp(old)
-        if OBJ == 4:
-            ok_pos = p - q <= p1
-            ok_neg = p - q >= -p0
+        if OBJ == DPPO_TV_:
+            ok_pos = p - q <= high
+            ok_neg = p - q >= -low
         else:
-            b = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
-            ok_pos = (b <= p1) | (p <= q)
-            ok_neg = (b <= p0) | (p >= q)
+            b = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + LOG_FLOOR_) / (1.0 - p + LOG_FLOOR_))
+            ok_pos = (b <= high) | (p <= q)
+            ok_neg = (b <= low) | (p >= q)
         ok = tl.where(adv > 0, ok_pos, ok_neg)
-        flag_a = ok == 0
+        low_hit = ok == 0
         loss = -adv * weight * ok.to(tl.float32) * logp
         grad = -adv * weight * ok.to(tl.float32)
-    return loss, grad, ratio, flag_a, flag_b, flag_c
+    return loss, grad, ratio, low_hit, high_hit, dual_hit
 
 
 @triton.jit
@@ -173,7 +187,6 @@ def kl_token(logp, ref, clamp, KIND: tl.constexpr):
     return value, grad
 
 
-KL_KIND_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "k1+": 5, "k3+": 6, "abs+": 7}
 
 
 @triton.jit

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlloss._groups import group_index
+
 from ._common import NUM_WARPS
 
 # A segment program holds at most this many samples per step: a 2-D tile of ROWS groups by BLOCK
@@ -86,8 +88,6 @@ def segments_of(groups: int | torch.Tensor, n: int, device: torch.device) -> Seg
         k, size, max_count = n // groups, groups, groups
         index = perm = offsets = None
     else:
-        from rlloss.advantages import group_index
-
         # The reference's dense numbering (sorted ids), so group g is the same group in both.
         index, k = group_index(groups, n, device)
         counts = torch.bincount(index, minlength=k)
@@ -177,6 +177,8 @@ def _group_stats_kernel(
         q = tl.sum(sq, axis=1)
         var = tl.where(n > 1, tl.math.div_rn(q, tl.maximum(n - 1.0, 1.0)), 0.0)
         tl.store(stats_ptr + 3 * K + rows, safe_sqrt(var), mask=in_k)
+    else:  # defined, not left as whatever the buffer held: the stats are an output of the op
+        tl.store(stats_ptr + 3 * K + rows, tl.zeros((ROWS,), tl.float32), mask=in_k)
 
 
 @triton.jit
@@ -366,78 +368,59 @@ def _advantages_bwd_kernel(
 
 # --- launch and autograd ---------------------------------------------------------------------------
 
-class _GroupAdvantagesFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rewards, groups, baseline, scale, eps, singleton):
-        n = rewards.shape[0]
-        dev = rewards.device
-        adv = torch.empty(n, dtype=torch.float32, device=dev)
-        ctx.rewards_dtype = rewards.dtype
-        if n == 0:
-            ctx.seg = None
-            return adv
-        seg = segments_of(groups, n, dev)
-        code = SCALE_CODES[scale]
-        flags = dict(CONTIG=seg.contiguous, LOO=baseline == "loo", SCALE=code, KEEP_SINGLE=singleton == "keep")
-        stats = torch.empty((4, seg.k), dtype=torch.float32, device=dev)
-        batch = torch.zeros(2, dtype=torch.float32, device=dev)
-        index, perm, offsets = seg.pointers(stats)
-        _group_stats_kernel[seg.grid](
-            rewards, perm, offsets, stats, seg.k, seg.size, rewards.stride(0),
-            CONTIG=seg.contiguous, NEED_STD=code == 0, ROWS=seg.rows, BLOCK=seg.block, num_warps=NUM_WARPS,
-        )
-        if code == 1:
-            _batch_stats_kernel[(1,)](rewards, batch, n, rewards.stride(0), BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS)
-        _advantages_fwd_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
-            rewards, index, stats, batch, adv, n, seg.k, seg.size, rewards.stride(0), float(eps),
-            **flags, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS,
-        )
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(rewards, adv, stats, batch)
-            ctx.seg, ctx.flags, ctx.eps = seg, flags, float(eps)
-        return adv
-
-    @staticmethod
-    def backward(ctx, dadv):
-        seg = ctx.seg
-        if seg is None:  # N = 0
-            return torch.empty(0, dtype=ctx.rewards_dtype, device=dadv.device), None, None, None, None, None
-        rewards, adv, stats, batch = ctx.saved_tensors
-        n, dev = seg.n, rewards.device
-        dadv = dadv.to(torch.float32).contiguous()
-        flags = ctx.flags
-        sums = torch.empty((2, seg.k), dtype=torch.float32, device=dev)
-        ptotal = torch.zeros(1, dtype=torch.float32, device=dev)
-        index, perm, offsets = seg.pointers(stats)
-        _group_grad_sums_kernel[seg.grid](
-            dadv, adv, perm, offsets, stats, batch, sums, seg.k, seg.size, ctx.eps,
-            **flags, ROWS=seg.rows, BLOCK=seg.block, num_warps=NUM_WARPS,
-        )
-        if flags["SCALE"] == 1:
-            _sum_kernel[(1,)](sums[1], ptotal, seg.k, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS)
-        grad = torch.empty(n, dtype=rewards.dtype, device=dev)
-        _advantages_bwd_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
-            dadv, rewards, index, stats, batch, sums, ptotal, grad, n, seg.k, seg.size, rewards.stride(0), ctx.eps,
-            **flags, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS,
-        )
-        return grad, None, None, None, None, None
+def _segments(group_ids: torch.Tensor | None, group_size: int, n: int, device: torch.device) -> Segments:
+    return segments_of(group_size if group_ids is None else group_ids, n, device)
 
 
-def group_advantages_triton(
-    rewards: torch.Tensor,
-    groups: int | torch.Tensor,
-    baseline: str,
-    scale: str,
-    eps: float,
-    singleton: str,
-) -> torch.Tensor:
-    """``group_advantages`` on validated inputs: fp32 ``[N]``, differentiable in ``rewards``.
+def group_advantages_forward(rewards: torch.Tensor, group_ids: torch.Tensor | None, group_size: int, loo: bool,
+                             scale: int, eps: float, keep_single: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(adv [N] fp32, stats [4, K], batch [2])``; groups are ``group_ids`` or, when None, contiguous
+    runs of ``group_size``. ``stats`` and ``batch`` are what backward reads."""
+    n = rewards.shape[0]
+    dev = rewards.device
+    adv = torch.empty(n, dtype=torch.float32, device=dev)
+    batch = torch.zeros(2, dtype=torch.float32, device=dev)
+    if n == 0:
+        return adv, torch.empty((4, 0), dtype=torch.float32, device=dev), batch
+    seg = _segments(group_ids, group_size, n, dev)
+    flags = dict(CONTIG=seg.contiguous, LOO=loo, SCALE=scale, KEEP_SINGLE=keep_single)
+    stats = torch.empty((4, seg.k), dtype=torch.float32, device=dev)
+    index, perm, offsets = seg.pointers(stats)
+    _group_stats_kernel[seg.grid](
+        rewards, perm, offsets, stats, seg.k, seg.size, rewards.stride(0),
+        CONTIG=seg.contiguous, NEED_STD=scale == 0, ROWS=seg.rows, BLOCK=seg.block, num_warps=NUM_WARPS,
+    )
+    if scale == 1:
+        _batch_stats_kernel[(1,)](rewards, batch, n, rewards.stride(0), BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS)
+    _advantages_fwd_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
+        rewards, index, stats, batch, adv, n, seg.k, seg.size, rewards.stride(0), float(eps),
+        **flags, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS,
+    )
+    return adv, stats, batch
 
-    Rewards are floating (integer and bool rewards arrive converted to fp32); fp64 goes to the
-    reference, which keeps fp64 (the kernels accumulate in fp32 by design).
-    """
-    if rewards.dtype == torch.float64:
-        from rlloss.advantages import _group_advantages_torch
 
-        return _group_advantages_torch(rewards, groups, baseline, scale, eps, singleton)
-    return _GroupAdvantagesFunction.apply(rewards, groups, baseline, scale, eps, singleton)
+def group_advantages_backward(dadv: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor | None,
+                              group_size: int, adv: torch.Tensor, stats: torch.Tensor, batch: torch.Tensor, loo: bool,
+                              scale: int, eps: float, keep_single: bool) -> torch.Tensor:
+    """d loss / d rewards in the rewards' dtype, from the forward's ``adv``, ``stats`` and ``batch``."""
+    n, dev = rewards.shape[0], rewards.device
+    if n == 0:
+        return torch.empty(0, dtype=rewards.dtype, device=dev)
+    seg = _segments(group_ids, group_size, n, dev)
+    dadv = dadv.to(torch.float32).contiguous()
+    flags = dict(CONTIG=seg.contiguous, LOO=loo, SCALE=scale, KEEP_SINGLE=keep_single)
+    sums = torch.empty((2, seg.k), dtype=torch.float32, device=dev)
+    ptotal = torch.zeros(1, dtype=torch.float32, device=dev)
+    index, perm, offsets = seg.pointers(stats)
+    _group_grad_sums_kernel[seg.grid](
+        dadv, adv, perm, offsets, stats, batch, sums, seg.k, seg.size, float(eps),
+        **flags, ROWS=seg.rows, BLOCK=seg.block, num_warps=NUM_WARPS,
+    )
+    if scale == 1:
+        _sum_kernel[(1,)](sums[1], ptotal, seg.k, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS)
+    grad = torch.empty(n, dtype=rewards.dtype, device=dev)
+    _advantages_bwd_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
+        dadv, rewards, index, stats, batch, sums, ptotal, grad, n, seg.k, seg.size, rewards.stride(0), float(eps),
+        **flags, BLOCK=ELEMENT_BLOCK, num_warps=NUM_WARPS,
+    )
+    return grad

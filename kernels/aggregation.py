@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ._common import NUM_WARPS, as_bytes, block_t
 
@@ -77,63 +76,61 @@ def _rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     return moved.reshape(rows, moved.shape[-1]).contiguous()  # explicit: -1 is ambiguous when L = 0
 
 
-class _MaskedMeanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask, dim, normalizer):
-        out_shape = torch.Size([]) if dim is None else _reduced_shape(x.shape, dim)
-        xr = _rows(x, dim)
-        mr = _rows(as_bytes(mask), dim)
-        R, L = xr.shape
-        bt = block_t(L)
-        C = triton.cdiv(L, bt)
-        dev = x.device
-        out = torch.empty(max(R, 1), dtype=torch.float32, device=dev)
-        den = torch.empty(max(R, 1), dtype=torch.float32, device=dev)
-        partials = torch.empty((2, max(R * C, 1)), dtype=torch.float32, device=dev)
-        if isinstance(normalizer, torch.Tensor):
-            norm, norm_value, mode = normalizer.detach().to(torch.float32).expand(out_shape).reshape(-1).contiguous(), 0.0, 2
-        elif normalizer is None:
-            norm, norm_value, mode = den, 0.0, 0
-        else:
-            norm, norm_value, mode = den, float(normalizer), 1
-        if R * C:
-            _masked_sum_kernel[(R * C,)](xr, mr, partials, L, C, R * C, BLOCK=bt, num_warps=NUM_WARPS)
-        if R:
-            _masked_mean_combine_kernel[(R,)](
-                partials, norm, norm_value, out, den, C, R * C, NORM_MODE=mode,
-                BLOCK_C=min(1024, triton.next_power_of_2(max(C, 1))), num_warps=NUM_WARPS,
-            )
-        ctx.save_for_backward(mr, den)
-        ctx.meta = (x.shape, x.dtype, dim, R, L, C, bt)
-        return out[:R].reshape(out_shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        mr, den = ctx.saved_tensors
-        shape, dtype, dim, R, L, C, bt = ctx.meta
-        grad = torch.empty((R, L), dtype=dtype, device=mr.device)
-        if R * C:
-            _masked_mean_bwd_kernel[(R * C,)](mr, grad_out.reshape(-1).contiguous(), den, grad, L, C, BLOCK=bt,
-                                              num_warps=NUM_WARPS)
-        if dim is None:
-            return grad.reshape(shape), None, None, None
-        moved_shape = list(shape)
-        moved_shape.append(moved_shape.pop(dim))
-        return grad.reshape(moved_shape).movedim(-1, dim), None, None, None
-
-
-def _reduced_shape(shape: torch.Size, dim: int) -> torch.Size:
+def reduced_shape(shape: torch.Size | list[int], dim: int | None) -> list[int]:
+    """The result shape of a reduction over ``dim`` (all dimensions for None)."""
+    if dim is None:
+        return []
     dims = list(shape)
     del dims[dim]
-    return torch.Size(dims)
+    return dims
 
 
-def masked_mean_triton(x: torch.Tensor, mask: torch.Tensor, dim: int | None,
-                       normalizer: float | torch.Tensor | None) -> torch.Tensor:
-    """Masked mean of validated inputs, fp32; fp64 goes to the reference."""
-    if x.dtype == torch.float64:
-        from rlloss.aggregation import _masked_mean_torch
+def masked_mean_forward(x: torch.Tensor, mask: torch.Tensor, dim: int | None, normalizer: torch.Tensor | None,
+                        normalizer_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, den)``: fp32 of the reduced shape, and the fp32 normaliser per row ``[max(R, 1)]``.
 
-        return _masked_mean_torch(x, mask, dim, normalizer)
-    return _MaskedMeanFunction.apply(x, mask, dim, normalizer)
+    The normaliser is a tensor broadcastable to the result, a number (``>= 0``) or, with
+    ``normalizer_value < 0`` and no tensor, each row's count of valid elements.
+    """
+    out_shape = reduced_shape(x.shape, dim)
+    xr = _rows(x, dim)
+    mr = _rows(as_bytes(mask), dim)
+    R, L = xr.shape
+    bt = block_t(L)
+    C = triton.cdiv(L, bt)
+    dev = x.device
+    out = torch.empty(max(R, 1), dtype=torch.float32, device=dev)
+    den = torch.empty(max(R, 1), dtype=torch.float32, device=dev)
+    partials = torch.empty((2, max(R * C, 1)), dtype=torch.float32, device=dev)
+    if normalizer is not None:
+        norm, norm_value, mode = normalizer.to(torch.float32).expand(out_shape).reshape(-1).contiguous(), 0.0, 2
+    elif normalizer_value < 0:
+        norm, norm_value, mode = den, 0.0, 0
+    else:
+        norm, norm_value, mode = den, float(normalizer_value), 1
+    if R * C:
+        _masked_sum_kernel[(R * C,)](xr, mr, partials, L, C, R * C, BLOCK=bt, num_warps=NUM_WARPS)
+    if R:
+        _masked_mean_combine_kernel[(R,)](
+            partials, norm, norm_value, out, den, C, R * C, NORM_MODE=mode,
+            BLOCK_C=min(1024, triton.next_power_of_2(max(C, 1))), num_warps=NUM_WARPS,
+        )
+    return out[:R].reshape(out_shape).clone() if R != out.shape[0] else out.reshape(out_shape), den
+
+
+def masked_mean_backward(grad_out: torch.Tensor, mask: torch.Tensor, den: torch.Tensor, dim: int | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """d mean / d x, shaped as ``mask``, in ``dtype``: ``grad_out / den`` at valid positions, else 0."""
+    mr = _rows(as_bytes(mask), dim)
+    R, L = mr.shape
+    bt = block_t(L)
+    C = triton.cdiv(L, bt)
+    grad = torch.empty((R, L), dtype=dtype, device=mr.device)
+    if R * C:
+        _masked_mean_bwd_kernel[(R * C,)](mr, grad_out.reshape(-1).contiguous(), den, grad, L, C, BLOCK=bt,
+                                          num_warps=NUM_WARPS)
+    if dim is None:
+        return grad.reshape(mask.shape)
+    moved_shape = list(mask.shape)
+    moved_shape.append(moved_shape.pop(dim))
+    return grad.reshape(moved_shape).movedim(-1, dim).contiguous()

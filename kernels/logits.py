@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from ._common import as_bytes
 
 MAX_BLOCK_V = 4096
 
@@ -32,120 +33,164 @@ def block_v(v: int) -> tuple[int, int]:
 
 @triton.jit
 def _logits_fwd_kernel(
-    logits_ptr, ids_ptr, logp_ptr, ent_ptr, lse_ptr,
-    T, V, s_b, s_t, s_ids_b, s_ids_t, temperature,
-    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, ids_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr,
+    T, V, s_b, s_t, s_ids_b, s_ids_t, s_m_b, s_m_t, temperature,
+    RETURN_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One program per position: online max, sum of ``exp(z - m)`` and sum of ``exp(z - m) * (z - m)``.
+
+    The entropy sum is taken against the running max ``m`` (and moved when ``m`` grows), so
+    ``H = log s - sum p (z - m)`` adds terms of size ``log V`` however large the logits: summing
+    ``p * z`` would subtract two numbers of the size of the logits (1e4) and lose 1e-4 of H.
+    ``logp = (z_id - m) - log s`` likewise. A masked position reads nothing and writes 0; an id
+    outside ``[0, V)`` at a read position gives NaN (the range check, in the kernel, without a sync)
+    and no read out of bounds.
+    """
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     row = logits_ptr + b * s_b + t * s_t
+    valid = tl.full((), 1, tl.int1)
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + b * s_m_b + t * s_m_t) != 0
+    n_vocab = tl.where(valid, V, 0)  # a masked position loops over nothing
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    sz = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    sz = tl.zeros((), tl.float32)  # sum of exp(z - m) * (z - m)
+    for v0 in range(0, n_vocab, BLOCK_V):
         offs = v0 + cols
         keep = offs < V
         z = tl.load(row + offs, mask=keep, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)  # 0 outside the vocabulary (z = -inf)
-        s = s * rescale + tl.sum(e, axis=0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: nothing to shift by
+        rescale = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)  # 0 outside the vocabulary (z = -inf)
         if RETURN_ENTROPY:
-            sz = sz * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), axis=0)  # 0, not 0 * -inf, where p = 0
+            # old terms move from (z - m) to (z - m_new): add (m - m_new) times their weight
+            shift = (tl.where(m == float("-inf"), m_ref, m) - m_ref) * s  # 0 before the first finite max
+            sz = (sz + shift) * rescale + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)  # 0, not 0 * -inf
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
-    token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t)
-    z_token = tl.load(row + token).to(tl.float32) / temperature
-    tl.store(logp_ptr + r, z_token - lse)
-    tl.store(lse_ptr + r, lse)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t, mask=valid, other=0)
+    in_vocab = (token >= 0) & (token < V)
+    z_token = tl.load(row + tl.where(in_vocab, token, 0), mask=valid).to(tl.float32) / temperature
+    logp = tl.where(in_vocab, (z_token - m_ref) - log_s, float("nan"))
+    tl.store(logp_ptr + r, tl.where(valid, logp, 0.0))
+    tl.store(lse_ptr + r, tl.where(valid, m_ref + log_s, 0.0))
     if RETURN_ENTROPY:
-        tl.store(ent_ptr + r, lse - sz / s)
+        tl.store(ent_ptr + r, tl.where(valid, log_s - sz / s, 0.0))
 
 
 @triton.jit
 def _logits_bwd_kernel(
     logits_ptr, ids_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
     T, V, s_b, s_t, s_ids_b, s_ids_t, g_s_b, g_s_t, temperature,
-    HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    mask_ptr, s_m_b, s_m_t, scale_ptr, row_scale_ptr, grad_out_ptr, entropy_coef,
+    HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, FROM_LOSS: tl.constexpr = False,
 ):
+    """``d/dz = g_logp * (onehot - p) - g_H * p * (z - E_p[z])``, over the temperature.
+
+    ``FROM_LOSS`` (``policy_loss_from_logits``): the upstream gradients come straight from the
+    fused loss, ``g_logp = grad_out * factor * row_factor[b] * g[b, t]`` (``g`` the stored d loss /
+    d logp) and ``g_H = -entropy_coef * grad_out * factor * row_factor[b]``, 0 at masked positions
+    (whose logits are not read and whose gradient is written 0).
+    """
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     row = logits_ptr + b * s_b + t * s_t
     out = grad_ptr + b * g_s_b + t * g_s_t
     lse = tl.load(lse_ptr + r)
-    g_logp = tl.load(g_logp_ptr + r).to(tl.float32)
-    token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t)
+    valid = tl.full((), 1, tl.int1)
+    if FROM_LOSS:
+        valid = tl.load(mask_ptr + b * s_m_b + t * s_m_t) != 0
+        scale = tl.load(grad_out_ptr).to(tl.float32) * tl.load(scale_ptr) * tl.load(row_scale_ptr + b)
+        g_logp = tl.where(valid, scale * tl.load(g_logp_ptr + r).to(tl.float32), 0.0)
+        g_ent = tl.where(valid, -entropy_coef * scale, 0.0)
+    else:
+        g_logp = tl.load(g_logp_ptr + r).to(tl.float32)
+        if HAS_ENTROPY_GRAD:
+            g_ent = tl.load(g_ent_ptr + r).to(tl.float32)
+    token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t, mask=valid, other=-1)
     if HAS_ENTROPY_GRAD:
-        g_ent = tl.load(g_ent_ptr + r).to(tl.float32)
         mean_z = lse - tl.load(ent_ptr + r)  # E_p[z] = logsumexp - H
+    n_read = tl.where(valid, V, 0)  # a masked position's logits are not read (its gradient is written 0)
     cols = tl.arange(0, BLOCK_V)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + cols
         keep = offs < V
-        z = tl.load(row + offs, mask=keep, other=0.0).to(tl.float32) / temperature
+        z = tl.load(row + offs, mask=offs < n_read, other=0.0).to(tl.float32) / temperature
         p = tl.exp(z - lse)
         dz = g_logp * (tl.where(offs == token, 1.0, 0.0) - p)
         if HAS_ENTROPY_GRAD:
             dz -= tl.where(p > 0, g_ent * p * (z - mean_z), 0.0)
+        dz = tl.where(valid, dz, 0.0)
         tl.store(out + offs, (dz / temperature).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
-def _vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
+def vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch and time strides, but a unit vocabulary stride."""
     return logits if logits.stride(2) == 1 else logits.contiguous()
 
 
-class _TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, ids, temperature, return_entropy, inplace_backward):
-        B, T, V = logits.shape
-        ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in backward
-        x = _vocab_contiguous(logits)
-        dev = logits.device
-        logp = torch.empty((B, T), dtype=torch.float32, device=dev)
-        lse = torch.empty((B, T), dtype=torch.float32, device=dev)
-        entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else lse
-        bv, warps = block_v(V)
-        if B * T:
-            _logits_fwd_kernel[(B * T,)](
-                x, ids, logp, entropy, lse, T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
-                float(temperature), RETURN_ENTROPY=return_entropy, BLOCK_V=bv, num_warps=warps,
-            )
-        ctx.save_for_backward(x, ids, lse, entropy if return_entropy else lse)
-        ctx.meta = (float(temperature), return_entropy, inplace_backward and x is logits, logits.dtype)
-        if not return_entropy:
-            return logp, None
-        return logp, entropy
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_logp, g_entropy):
-        x, ids, lse, entropy = ctx.saved_tensors
-        temperature, return_entropy, inplace, dtype = ctx.meta
-        B, T, V = x.shape
-        grad = x if inplace else torch.empty((B, T, V), dtype=dtype, device=x.device)
-        if g_logp is None:
-            g_logp = torch.zeros((B, T), dtype=torch.float32, device=x.device)
-        has_ent_grad = return_entropy and g_entropy is not None
-        bv, warps = block_v(V)
-        if B * T:
-            _logits_bwd_kernel[(B * T,)](
-                x, ids, lse, entropy, g_logp.contiguous(), g_entropy.contiguous() if has_ent_grad else lse, grad,
-                T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
-                temperature, HAS_ENTROPY_GRAD=has_ent_grad, BLOCK_V=bv, num_warps=warps,
-            )
-        return grad, None, None, None, None
+def token_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
+                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, entropy, lse)``, fp32 ``[B, T]`` each (0 where ``mask`` is False); ``entropy`` is
+    empty without ``return_entropy``."""
+    B, T, V = logits.shape
+    x = vocab_contiguous(logits)
+    dev = logits.device
+    logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+    entropy = torch.empty((B, T) if return_entropy else (0,), dtype=torch.float32, device=dev)
+    bv, warps = block_v(V)
+    if B * T:
+        m = ids if mask is None else as_bytes(mask)
+        _logits_fwd_kernel[(B * T,)](
+            x, ids, m, logp, entropy if return_entropy else lse, lse, T, V, x.stride(0), x.stride(1), ids.stride(0),
+            ids.stride(1), m.stride(0), m.stride(1), float(temperature), RETURN_ENTROPY=return_entropy,
+            HAS_MASK=mask is not None, BLOCK_V=bv, num_warps=warps,
+        )
+    return logp, entropy, lse
 
 
-def token_logprobs_triton(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
-                          inplace_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(logp, entropy or None)`` of validated inputs; fp64 logits go to the reference."""
-    if logits.dtype == torch.float64:
-        from rlloss.logits import _token_logprobs_torch
+def token_logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                            g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, temperature: float,
+                            grad: torch.Tensor) -> None:
+    """Write ``d / d logits`` into ``grad`` (``[B, T, V]``; it may be ``logits`` itself: each chunk is
+    read before it is overwritten, and programs own disjoint rows)."""
+    x = vocab_contiguous(logits)
+    B, T, V = x.shape
+    if g_logp is None:
+        g_logp = torch.zeros((B, T), dtype=torch.float32, device=x.device)
+    has_ent_grad = g_entropy is not None and entropy.numel() > 0
+    bv, warps = block_v(V)
+    if B * T:
+        _logits_bwd_kernel[(B * T,)](
+            x, ids, lse, entropy if has_ent_grad else lse, g_logp.contiguous(),
+            g_entropy.contiguous() if has_ent_grad else lse, grad,
+            T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
+            float(temperature), ids, 0, 0, lse, lse, lse, 0.0,
+            HAS_ENTROPY_GRAD=has_ent_grad, BLOCK_V=bv, num_warps=warps,
+        )
 
-        return _token_logprobs_torch(logits, ids, temperature, return_entropy)
-    logp, entropy = _TokenLogprobsFunction.apply(logits, ids, temperature, return_entropy, inplace_backward)
-    return logp, entropy
+
+def policy_loss_from_logits_backward(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor,
+                                     entropy: torch.Tensor, g: torch.Tensor, grad_loss: torch.Tensor,
+                                     factor: torch.Tensor, row_factor: torch.Tensor, temperature: float,
+                                     entropy_coef: float, grad: torch.Tensor) -> None:
+    """Write ``d loss / d logits`` of the fused from-logits loss into ``grad`` (may be ``logits``): one launch."""
+    x = vocab_contiguous(logits)
+    B, T, V = x.shape
+    m = as_bytes(mask)
+    bv, warps = block_v(V)
+    if B * T:
+        _logits_bwd_kernel[(B * T,)](
+            x, ids, lse, entropy, g, lse, grad,
+            T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
+            float(temperature), m, m.stride(0), m.stride(1), factor, row_factor, grad_loss, float(entropy_coef),
+            HAS_ENTROPY_GRAD=entropy_coef != 0, BLOCK_V=bv, FROM_LOSS=True, num_warps=warps,
+        )

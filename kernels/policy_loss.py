@@ -21,20 +21,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES, LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX
 
 from ._common import (
-    KL_KIND_CODES,
     _clamp,
     NUM_WARPS,
     OBJ_CISPO,
-    OBJ_DPPO_KL,
-    OBJ_DPPO_TV,
-    OBJ_DRO,
     OBJ_PPO,
-    OBJ_REINFORCE,
-    OBJ_SAPO,
-    OBJ_VESPO,
     as_bytes,
     block_t,
     grad_buffer_dtype,
@@ -42,11 +35,12 @@ from ._common import (
     objective_token,
 )
 
-KL_CLAMP = 20.0  # rlloss.kl.KL_INPUT_CLAMP
-AGG_CODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "constant": 3, "token_sum": 4}
 # partial sums per chunk, in this order
-N_PARTIALS = 7
-LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL = range(N_PARTIALS)
+N_PARTIALS = 8
+LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL, ENTROPY = range(N_PARTIALS)
+# metrics the combine writes, in this order: clip_low, clip_high, clip_dual, ratio mean, KL mean, entropy mean
+# (0 unless the pass had an entropy), valid tokens
+N_METRICS = 7
 COMBINE_TILE = 1024
 # The combine is one program: 8 warps share its tile (4 warps made ptxas spill 8 bytes on sm_80).
 COMBINE_WARPS = 8
@@ -85,15 +79,16 @@ def _row_log_ratio_kernel(
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, stats_ptr, grad_ptr, part_ptr, tok_loss_ptr, ent_ptr,
     T, C, n_chunks_total,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_w_b, s_w_t,
     p0, p1, p2, p3, max_log_ratio, beta, kl_clamp,
-    OBJ: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROW_STAT: tl.constexpr,
+    OBJ: tl.constexpr, DUAL_CLIP: tl.constexpr, DELTA: tl.constexpr, CLAMP_LOW: tl.constexpr,
+    CLAMP_HIGH: tl.constexpr, ROW_STAT: tl.constexpr,
     HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, WEIGHTS: tl.constexpr,
     HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, KL_KIND: tl.constexpr, KL_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, entropy_coef=0.0, HAS_ENTROPY: tl.constexpr = False,
 ):
     """ROW_STAT 0: none; 1: GSPO, d is the row's mean log-ratio; 2: VESPO, the row's clamped sum.
     WEIGHTS 0: none; 1: per row [B]; 2: per token [B, T]."""
@@ -123,10 +118,10 @@ def _policy_loss_fwd_kernel(
             n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
             d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
         else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
-            lw = tl.zeros_like(d) + _clamp(d_sum, -18.420680743952367, 20.0)  # log 1e-8, 20
+            lw = tl.zeros_like(d) + _clamp(d_sum, LOG_OF_FLOOR_, ROW_LOG_WEIGHT_MAX_)
 
-    loss, grad, ratio, flag_a, flag_b, flag_c = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
-                                                               OBJ, F1, F2)
+    loss, grad, ratio, low_hit, high_hit, dual_hit = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
+                                                               OBJ, DUAL_CLIP, DELTA, CLAMP_LOW, CLAMP_HIGH)
     if WEIGHTS == 1:
         w = tl.where(valid, tl.load(w_ptr + row * s_w_b).to(tl.float32), 0.0)
         loss = loss * w
@@ -150,6 +145,9 @@ def _policy_loss_fwd_kernel(
             grad = grad + beta * dkl
     loss = tl.where(valid, loss, 0.0)
     grad = tl.where(valid, grad, 0.0)
+    if HAS_ENTROPY:  # from logits: minus coef * entropy, aggregated as the loss (ent_ptr [B, T] fp32)
+        ent = tl.where(valid, tl.load(ent_ptr + row * T + offs, mask=in_row, other=0.0), 0.0)
+        loss = loss - entropy_coef * ent
 
     if WRITE_GRAD:  # contiguous [B, T] buffer: every in-range position written
         tl.store(grad_ptr + row * T + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
@@ -158,11 +156,13 @@ def _policy_loss_fwd_kernel(
     if WRITE_PARTIALS:
         tl.store(part_ptr + LOSS_ * n_chunks_total + pid, tl.sum(loss, axis=0))
         tl.store(part_ptr + COUNT_ * n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
-        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_a, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_b, 1.0, 0.0), axis=0))
-        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & flag_c, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_LOW_ * n_chunks_total + pid, tl.sum(tl.where(valid & low_hit, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_HIGH_ * n_chunks_total + pid, tl.sum(tl.where(valid & high_hit, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + CLIP_DUAL_ * n_chunks_total + pid, tl.sum(tl.where(valid & dual_hit, 1.0, 0.0), axis=0))
         tl.store(part_ptr + RATIO_ * n_chunks_total + pid, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
         tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+        if HAS_ENTROPY:
+            tl.store(part_ptr + ENTROPY_ * n_chunks_total + pid, tl.sum(ent, axis=0))
 
 
 # partial indices as compile-time constants inside the kernels
@@ -173,6 +173,9 @@ CLIP_HIGH_: tl.constexpr = tl.constexpr(CLIP_HIGH)
 CLIP_DUAL_: tl.constexpr = tl.constexpr(CLIP_DUAL)
 RATIO_: tl.constexpr = tl.constexpr(RATIO)
 KL_: tl.constexpr = tl.constexpr(KL)
+ENTROPY_: tl.constexpr = tl.constexpr(ENTROPY)
+LOG_OF_FLOOR_: tl.constexpr = tl.constexpr(LOG_OF_FLOOR)
+ROW_LOG_WEIGHT_MAX_: tl.constexpr = tl.constexpr(ROW_LOG_WEIGHT_MAX)
 
 
 @triton.jit
@@ -195,7 +198,7 @@ def _combine_kernel(
     B, C, n_chunks_total,
     num_tokens_ptr, num_tokens, num_seqs_ptr, num_seqs, max_tokens, dp_size,
     AGG: tl.constexpr, TOKENS_MODE: tl.constexpr, SEQS_MODE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ENTROPY: tl.constexpr = False,
 ):
     """Single program: rows in blocks of BLOCK_R, each row's chunks summed in order."""
     rows0 = tl.arange(0, BLOCK_R)
@@ -208,6 +211,7 @@ def _combine_kernel(
     clip_dual = tl.zeros((), tl.float32)
     ratio = tl.zeros((), tl.float32)
     kl = tl.zeros((), tl.float32)
+    ent = tl.zeros((), tl.float32)
     for r0 in range(0, B, BLOCK_R):
         rows = r0 + rows0
         idx = rows[:, None] * C + chunks[None, :]
@@ -221,6 +225,9 @@ def _combine_kernel(
         clip_dual += tl.sum(tl.sum(tl.load(part_ptr + CLIP_DUAL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
         ratio += tl.sum(tl.sum(tl.load(part_ptr + RATIO_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
         kl += tl.sum(tl.sum(tl.load(part_ptr + KL_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1), axis=0)
+        if HAS_ENTROPY:
+            ent += tl.sum(tl.sum(tl.load(part_ptr + ENTROPY_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1),
+                          axis=0)
         if AGG == 1:  # seq_mean_token_mean: each row normalised by its own count
             row_mean_sum += tl.sum(_safe_div(row_loss, row_count), axis=0)
             tl.store(row_factor_ptr + rows, _safe_div(1.0, row_count), mask=rows < B)
@@ -252,7 +259,8 @@ def _combine_kernel(
     tl.store(metrics_ptr + 2, _safe_div(clip_dual, count))
     tl.store(metrics_ptr + 3, _safe_div(ratio, count))
     tl.store(metrics_ptr + 4, _safe_div(kl, count))
-    tl.store(metrics_ptr + 5, count)  # the valid tokens of the call (metrics["num_tokens"])
+    tl.store(metrics_ptr + 5, _safe_div(ent, count))
+    tl.store(metrics_ptr + 6, count)  # the valid tokens of the call (metrics["num_tokens"])
     tl.store(factor_ptr, factor * dp_size)
 
 
@@ -275,54 +283,14 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if x is None else (x.stride(0), x.stride(1))
 
 
-def _count_args(value: float | torch.Tensor | None, default: float, like: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(pointer, value, mode) for a count passed as nothing, a number or a 0-d tensor."""
-    if value is None:
+def _count_args(tensor: torch.Tensor | None, value: float, default: float,
+                like: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(pointer, value, mode) for a count passed as a 0-d tensor, a number (>= 0) or nothing (< 0)."""
+    if tensor is not None:
+        return tensor, 0.0, 2
+    if value < 0:
         return like, float(default), 0
-    if isinstance(value, torch.Tensor):
-        return value, 0.0, 2
     return like, float(value), 1
-
-
-def objective_switches(objective) -> tuple[int, bool, bool, tuple[float, float, float, float], int, tuple[str, ...]]:
-    """(OBJ code, F1, F2, (p0..p3), ROW_STAT, metric names of the three indicator slots) of an objective."""
-    from rlloss.objectives import CISPO, DPPO, DRO, PPO, SAPO, VESPO, Reinforce
-
-    if isinstance(objective, PPO):
-        return (OBJ_PPO, objective.dual_clip is not None, objective.delta is not None,
-                (1 - objective.eps_low, 1 + objective.high, float(objective.dual_clip or 0.0), float(objective.delta or 0.0)),
-                1 if objective.level == "sequence" else 0, ("clip_low", "clip_high", "clip_dual"))
-    if isinstance(objective, CISPO):
-        return (OBJ_CISPO, objective.low is not None, objective.high is not None,
-                (float(objective.low or 0.0), float(objective.high or 0.0), 0.0, 0.0), 0, ("clip_low", "clip_high"))
-    if isinstance(objective, SAPO):
-        return OBJ_SAPO, False, False, (objective.tau_pos, objective.tau_neg, 0.0, 0.0), 0, ()
-    if isinstance(objective, Reinforce):
-        return OBJ_REINFORCE, False, False, (0.0, 0.0, 0.0, 0.0), 0, ()
-    if isinstance(objective, DPPO):
-        code = OBJ_DPPO_TV if objective.divergence == "tv" else OBJ_DPPO_KL
-        return code, False, False, (objective.low, objective.high, objective.weight_cap, 0.0), 0, ("outside_region",)
-    if isinstance(objective, DRO):
-        return OBJ_DRO, False, False, (objective.beta, 0.0, 0.0, 0.0), 0, ()
-    if isinstance(objective, VESPO):
-        return (OBJ_VESPO, False, False, (objective.k_pos, max(objective.lam_pos, 1e-4), objective.k_neg,
-                                          max(objective.lam_neg, 1e-4)), 2, ())
-    raise ValueError(f"no fused kernel for objective {type(objective).__name__}")
-
-
-def fused_support(objective, kl_bias_correction: bool) -> str | None:
-    """None when the fused kernels run this configuration, else what they do not run (said in errors)."""
-    from rlloss.objectives import GMPO, PPO, ClipCov, KLCov
-
-    if isinstance(objective, (KLCov, ClipCov)):
-        return (f"{type(objective).__name__}: it selects tokens across the whole batch (top-k or a seeded "
-                "random draw), which the reference does in PyTorch")
-    if isinstance(objective, GMPO):
-        return "GMPO: its per-row geometric mean has no fused kernel yet"
-    if kl_bias_correction and isinstance(objective, PPO) and objective.level == "sequence":
-        return ("kl_bias_correction at level='sequence': its gradient couples every token of a row through the "
-                "row mean")
-    return None
 
 
 def per_token_pass(
@@ -332,15 +300,21 @@ def per_token_pass(
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None,
     *,
-    objective,
+    objective: int,
+    dual_or_low: bool,
+    delta_or_high: bool,
+    params: list[float],
+    row_stat: int,
     beta: float,
-    kl: str = "k3",
+    kl_kind: int = KL_KIND_CODES["k3"],
     kl_bias_correction: bool = False,
     token_weights: torch.Tensor | None = None,
     max_log_ratio: float,
     write_grad: bool,
     write_partials: bool,
     write_token_loss: bool,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
     """Launch the row-statistics (GSPO, VESPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
     B, T = logp.shape
@@ -354,7 +328,6 @@ def per_token_pass(
     token_loss = torch.empty((B, T), dtype=torch.float32, device=dev) if write_token_loss else None
     if n == 0:
         return g, partials, token_loss, C
-    code, f1, f2, params, row_stat, _ = objective_switches(objective)
     old = logp if old_logp is None else old_logp
     stats = torch.empty((2, n), dtype=torch.float32, device=dev) if row_stat else None
     if row_stat:
@@ -372,15 +345,18 @@ def per_token_pass(
         logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp,
         dummy if token_weights is None else token_weights, stats if row_stat else dummy,
         dummy if g is None else g, dummy if partials is None else partials, dummy if token_loss is None else token_loss,
-        T, C, n,
+        dummy if entropy is None else entropy, T, C, n,
         *_strides(logp), *_strides(old), *adv_strides, *_strides(mask_u8), *_strides(ref_logp), *w_strides,
-        *(float(p) for p in params), float(max_log_ratio), float(beta), KL_CLAMP,
-        OBJ=code, F1=f1, F2=f2, ROW_STAT=row_stat,
+        *(float(p) for p in params), float(max_log_ratio), float(beta), KL_INPUT_CLAMP,
+        OBJ=objective, DUAL_CLIP=objective == OBJ_PPO and dual_or_low, DELTA=objective == OBJ_PPO and delta_or_high,
+        CLAMP_LOW=objective == OBJ_CISPO and dual_or_low, CLAMP_HIGH=objective == OBJ_CISPO and delta_or_high,
+        ROW_STAT=row_stat,
         HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode,
-        HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=KL_KIND_CODES[kl],
+        HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=kl_kind,
         KL_BIAS=ref_logp is not None and kl_bias_correction,
         WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
-        BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), num_warps=NUM_WARPS,
+        BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), entropy_coef=float(entropy_coef),
+        HAS_ENTROPY=entropy is not None, num_warps=NUM_WARPS,
     )
     return g, partials, token_loss, C
 
@@ -405,72 +381,67 @@ def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, ro
     return out
 
 
-class _PolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, ref_logp, token_weights, needs_grad, objective, beta, kl,
-                kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
-        B, _ = logp.shape
-        g, partials, _, C = per_token_pass(
-            logp, old_logp, adv, mask, ref_logp, objective=objective, beta=beta, kl=kl,
-            kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
-            write_grad=needs_grad, write_partials=True, write_token_loss=False,
-        )
-        dev = logp.device
-        loss = torch.empty((), dtype=torch.float32, device=dev)
-        metrics = torch.empty(6, dtype=torch.float32, device=dev)
-        factor = torch.empty(1, dtype=torch.float32, device=dev)
-        row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
-        tok_ptr, tok_val, tok_mode = _count_args(num_tokens, 0.0, factor)
-        seq_ptr, seq_val, seq_mode = _count_args(num_seqs, B, factor)
-        bc = triton.next_power_of_2(max(C, 1))
-        _combine_kernel[(1,)](
-            partials, loss, metrics, factor, row_factor, B, C, B * C,
-            tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens or 1.0), float(dp_size),
-            AGG=AGG_CODES[aggregation], TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
-            BLOCK_R=combine_block_rows(C), BLOCK_C=bc, num_warps=COMBINE_WARPS,
-        )
-        ctx.mark_non_differentiable(metrics)
-        # metrics never get a gradient: without this autograd would fill a zero tensor for them (a launch)
-        ctx.set_materialize_grads(False)
-        if needs_grad:
-            ctx.save_for_backward(g, factor, row_factor)
-            ctx.logp_dtype = logp.dtype
-        return loss, metrics
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_metrics):
-        if grad_loss is None:
-            return (None,) * 17
-        g, factor, row_factor = ctx.saved_tensors
-        grad = scale_grad(g, grad_loss, factor, row_factor, ctx.logp_dtype)
-        return (grad,) + (None,) * 16
 
 
-def policy_loss_triton(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
-                       max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size):
-    """The fused ``policy_loss`` on validated inputs (``fused_support`` is None): ``(loss, metrics)``.
+def policy_loss_forward(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    num_tokens: torch.Tensor | None,
+    num_seqs: torch.Tensor | None,
+    *,
+    objective: int,
+    dual_or_low: bool,
+    delta_or_high: bool,
+    params: list[float],
+    row_stat: int,
+    beta: float,
+    kl_kind: int,
+    kl_bias_correction: bool,
+    max_log_ratio: float,
+    aggregation: int,
+    max_tokens: float,
+    num_tokens_value: float,
+    num_seqs_value: float,
+    dp_size: int,
+    needs_grad: bool,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused ``policy_loss`` forward: ``(loss, metrics[N_METRICS], g, factor[1], row_factor[max(B, 1)])``.
 
-    fp64 inputs go to the reference (the kernels accumulate in fp32 by design). Only ``logp``
-    receives a gradient; the others are constants, as in the reference. The gradient buffer is
-    written only when a gradient will be asked for (grad mode on and ``logp`` requiring it).
+    Metrics: clip_low, clip_high, clip_dual (the objective's three indicators), ratio mean, KL mean,
+    entropy mean. With ``entropy`` (contiguous fp32 ``[B, T]``, from logits) the loss gains
+    ``- entropy_coef * entropy`` per token, aggregated with the same normaliser.
+
+    ``g`` is d loss / d logp before the normaliser (``grad_buffer_dtype``; empty without
+    ``needs_grad``); backward is ``scale_grad(g, grad_loss, factor, row_factor)``. Counts come as a
+    tensor, or a number (``< 0``: not given).
     """
-    args = (logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
-            max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)
-    if any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, adv, ref_logp, token_weights)):
-        from rlloss.loss import _policy_loss_torch
-
-        return tuple(_policy_loss_torch(*args))
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    needs_grad = torch.is_grad_enabled() and logp.requires_grad
-    loss, metrics = _PolicyLossFunction.apply(
-        logp, detach(old_logp), adv.detach(), mask, detach(ref_logp), detach(token_weights), needs_grad, objective,
-        beta, kl, kl_bias_correction, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size,
+    B, _ = logp.shape
+    g, partials, _, C = per_token_pass(
+        logp, old_logp, adv, mask, ref_logp, objective=objective, dual_or_low=dual_or_low,
+        delta_or_high=delta_or_high, params=params, row_stat=row_stat, beta=beta, kl_kind=kl_kind,
+        kl_bias_correction=kl_bias_correction, token_weights=token_weights, max_log_ratio=max_log_ratio,
+        write_grad=needs_grad, write_partials=True, write_token_loss=False, entropy=entropy, entropy_coef=entropy_coef,
     )
-    slots = objective_switches(objective)[5]
-    out = {name: metrics[i] for i, name in enumerate(slots)}
-    out["ratio_mean"] = metrics[3]
-    if ref_logp is not None:
-        out["kl_mean"] = metrics[4]
-    out["num_tokens"] = metrics[5]
-    return loss, out
+    dev = logp.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    metrics = torch.empty(N_METRICS, dtype=torch.float32, device=dev)
+    factor = torch.empty(1, dtype=torch.float32, device=dev)
+    row_factor = torch.empty(max(B, 1), dtype=torch.float32, device=dev)
+    tok_ptr, tok_val, tok_mode = _count_args(num_tokens, num_tokens_value, 0.0, factor)
+    seq_ptr, seq_val, seq_mode = _count_args(num_seqs, num_seqs_value, B, factor)
+    _combine_kernel[(1,)](
+        partials, loss, metrics, factor, row_factor, B, C, B * C,
+        tok_ptr, tok_val, seq_ptr, seq_val, float(max_tokens), float(dp_size),
+        AGG=aggregation, TOKENS_MODE=tok_mode, SEQS_MODE=seq_mode,
+        BLOCK_R=combine_block_rows(C), BLOCK_C=triton.next_power_of_2(max(C, 1)), HAS_ENTROPY=entropy is not None,
+        num_warps=COMBINE_WARPS,
+    )
+    if g is None:
+        g = logp.new_empty(0)
+    return loss, metrics, g, factor, row_factor

@@ -37,11 +37,7 @@ def _soft_overlong_penalty_kernel(
 
 
 def soft_overlong_penalty_triton(lengths: torch.Tensor, max_len: int, cache_len: int, factor: float) -> torch.Tensor:
-    """``soft_overlong_penalty`` on validated lengths: fp32 ``[N]``; fp64 lengths go to the reference."""
-    if lengths.dtype == torch.float64:
-        from rlloss.shaping import _soft_overlong_penalty_torch
-
-        return _soft_overlong_penalty_torch(lengths, max_len, cache_len, factor)
+    """``soft_overlong_penalty`` on validated lengths (not fp64): fp32 ``[N]``."""
     n = lengths.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=lengths.device)
     if n == 0:

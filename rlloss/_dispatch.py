@@ -8,7 +8,6 @@ which is how the kernel tests run on machines without a GPU.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -19,9 +18,9 @@ from ._validate import check_choice
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the process, not traced
 def triton_available() -> bool:
-    """True when triton can be imported (checked once; importing it is slow)."""
+    """True when triton can be imported (the import itself is cached by Python after the first)."""
     if importlib.util.find_spec("triton") is None:
         return False
     try:

@@ -100,6 +100,10 @@ def check_number(
     """A finite Python number (bools refused) within optional bounds."""
     if value is None and allow_none:
         return None
+    if torch.compiler.is_compiling():
+        # under torch.compile(dynamic=True) a number may be symbolic: testing its value would guard on
+        # it or break the graph. Eager calls check it; the compiled graph is traced from the same code.
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
@@ -126,6 +130,18 @@ def check_count(name: str, value: object, device: torch.device) -> Number | torc
             raise ValueError(f"{name} must be on {device} like the inputs, got {value.device}")
         return value.reshape(())
     return check_number(name, value, low=0)
+
+
+def check_values(ok: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """A check of tensor values (``ok`` a bool tensor, all True when the input is good).
+
+    Eager: ``error(message)`` when any is False (one device sync, for small per-batch inputs).
+    While compiling: ``torch._assert_async``, a device-side check with no graph break and no sync.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise error(message)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._dispatch import resolve_backend
+from ._groups import group_index
 from ._validate import (
     check_choice,
     check_float,
@@ -16,24 +17,13 @@ from ._validate import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    check_values,
     compute_dtype,
 )
 
 BASELINES = ("mean", "loo")
 SCALES = ("group", "batch", "none")
 SINGLETONS = ("zero", "keep")
-
-
-def group_index(groups: int | torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Dense group index ``[n]`` in ``0..K-1`` and the number of groups ``K``.
-
-    An int group size means contiguous groups (TRL's layout); a tensor holds arbitrary group ids
-    (verl's ``index``), renumbered here in order of first sorted id.
-    """
-    if isinstance(groups, int):
-        return torch.arange(n, device=device) // groups, n // groups
-    uniq, inverse = torch.unique(groups, return_inverse=True)
-    return inverse, int(uniq.numel())
 
 
 def _safe_sqrt(var: torch.Tensor) -> torch.Tensor:
@@ -150,12 +140,12 @@ def group_advantages(
     check_choice("singleton", singleton, SINGLETONS)
     # eps keeps an all-equal group (std 0) from dividing 0 by 0; it only matters where std divides
     check_number("eps", eps, low=0, low_inclusive=scale == "none")
-    if rewards.dtype.is_floating_point and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite, got NaN or inf values")
+    if rewards.dtype.is_floating_point:
+        check_values(torch.isfinite(rewards), "rewards must be finite, got NaN or inf values")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
-    if resolve_backend(backend, rewards) == "triton":
-        from .kernels.advantages import group_advantages_triton
+    if resolve_backend(backend, rewards) == "triton" and rewards.dtype != torch.float64:
+        from ._fused import group_advantages_triton
 
         return group_advantages_triton(rewards, groups, baseline, scale, eps, singleton)
     return _group_advantages_torch(rewards, groups, baseline, scale, eps, singleton)

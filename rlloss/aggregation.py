@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from ._constants import AGGREGATIONS
 from ._dispatch import resolve_backend
 from ._validate import check_count, check_float, check_mask, check_number, check_same_device, compute_dtype
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")
+
+
+def as_count(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A count or normaliser as a 0-d tensor of ``like``'s dtype and device.
+
+    ``torch.full``, not ``torch.as_tensor``: under ``torch.compile(dynamic=True)`` a count taken
+    from a shape (the batch size) stays symbolic instead of being burnt into the graph (which
+    would recompile for every batch size).
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 with zero gradient: an empty input is never NaN."""
-    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    den = as_count(den, num)
     ok = den > 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -81,8 +93,8 @@ def masked_mean(
             raise ValueError(f"normalizer must be on {x.device} like x, got {normalizer.device}")
     else:
         check_number("normalizer", normalizer, low=0, allow_none=True)
-    if resolve_backend(backend, x, mask) == "triton":
-        from .kernels.aggregation import masked_mean_triton
+    if resolve_backend(backend, x, mask) == "triton" and x.dtype != torch.float64:
+        from ._fused import masked_mean_triton
 
         return masked_mean_triton(x, mask, dim, normalizer)
     return _masked_mean_torch(x, mask, dim, normalizer)
@@ -104,10 +116,10 @@ def aggregate(
     """
     dtype = per_token.dtype
     n_seq = per_token.shape[0] if num_seqs is None else num_seqs
-    n_seq = torch.as_tensor(n_seq, dtype=dtype, device=per_token.device)
+    n_seq = as_count(n_seq, per_token)
     if aggregation == "token_mean":
         n_tok = mask.sum() if num_tokens is None else num_tokens
-        loss = safe_div(per_token.sum(), torch.as_tensor(n_tok, dtype=dtype, device=per_token.device))
+        loss = safe_div(per_token.sum(), as_count(n_tok, per_token))
     elif aggregation == "seq_mean_token_mean":
         row = safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))
         loss = safe_div(row.sum(), n_seq)

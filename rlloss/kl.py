@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ._constants import KL_INPUT_CLAMP, KL_KINDS
 from ._dispatch import resolve_backend
 from ._validate import check_choice, check_float, check_same_device, check_same_shape, compute_dtype
 
-KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 BASE_KINDS = ("k1", "k2", "k3", "abs")
-KL_INPUT_CLAMP = 20.0  # k3 exponentiates ref_logp - logp: the clamp keeps exp finite in fp32
 
 
 def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -68,8 +67,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, *, kind: str = "k3",
     """
     _check_pair(logp, ref_logp)
     check_choice("kind", kind, KL_KINDS)
-    if resolve_backend(backend, logp, ref_logp) == "triton":
-        from .kernels.kl import kl_estimate_triton
+    if resolve_backend(backend, logp, ref_logp) == "triton" and torch.float64 not in (logp.dtype, ref_logp.dtype):
+        from ._fused import kl_estimate_triton
 
         return kl_estimate_triton(logp, ref_logp, kind)
     return _kl_torch(logp, ref_logp, kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -9,7 +10,11 @@ import torch
 from ._dispatch import resolve_backend
 from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor
 from .aggregation import aggregate, safe_div
-from .loss import PolicyLoss, policy_loss
+from .loss import PolicyLoss, check_policy_loss_args, policy_loss
+
+# policy_loss's keyword options and their defaults, read from its signature (one source)
+POLICY_LOSS_OPTIONS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
+                       if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
 
 
 def check_logits(logits: object, ids: object) -> None:
@@ -37,11 +42,22 @@ def _causal_hint(logits: torch.Tensor, ids: torch.Tensor) -> str:
 
 
 def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
-    """Token ids must index the vocabulary (a device sync: an out-of-range id would read out of bounds)."""
-    valid = ids if where is None else ids[where]
-    if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
+    """Token ids (at the positions ``where`` is True) must index the vocabulary.
+
+    Eager on the CPU: a ``ValueError`` with the values found. On CUDA tensors and while compiling,
+    ``torch._assert_async``: a device-side check, no host sync and no graph break. (The Triton
+    path checks in its kernel instead: see ``token_logprobs``.)
+    """
+    ok = (ids >= 0) & (ids < vocab)
+    if where is not None:
+        ok = ok | ~where
+    if torch.compiler.is_compiling() or ids.is_cuda:
+        torch._assert_async(ok.all(), f"ids must be in [0, {vocab}) (the vocabulary of logits) where they are read")
+        return
+    if not bool(ok.all()):
+        bad = ids[~ok]
         raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
-                         f"[{int(valid.min())}, {int(valid.max())}]; padding ids (such as -100, the ignore index "
+                         f"[{int(bad.min())}, {int(bad.max())}]; padding ids (such as -100, the ignore index "
                          "of Hugging Face labels) are never tokens: mask them out (mask= False there) so they are "
                          "not read")
 
@@ -122,8 +138,8 @@ def token_logprobs(
         check_same_device(logits=logits, mask=mask_b)
         ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never read as tokens
     check_ids_in_range(ids, logits.shape[2])
-    if resolve_backend(backend, logits, ids) == "triton":
-        from .kernels.logits import token_logprobs_triton
+    if resolve_backend(backend, logits, ids) == "triton" and logits.dtype != torch.float64:
+        from ._fused import token_logprobs_triton
 
         logp, entropy = token_logprobs_triton(logits, ids, temperature, return_entropy)
     else:
@@ -184,10 +200,22 @@ def policy_loss_from_logits(
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
     chosen = resolve_backend(backend, logits, ids, old_logp, adv, mask)
+    unknown = sorted(set(loss_options) - set(POLICY_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"policy_loss_from_logits got an unexpected keyword argument {unknown[0]!r} (the loss options "
+                        f"are policy_loss's: {sorted(POLICY_LOSS_OPTIONS)})")
+    if chosen == "triton":
+        from ._fused import fused_dtype, fused_support, policy_loss_from_logits_triton
+
+        # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
+        args = check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
+        if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
+            return PolicyLoss(*policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef,
+                                                              inplace_backward, *args[1:]))
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
     check_ids_in_range(safe_ids, logits.shape[2])
-    if chosen == "triton":
-        from .kernels.logits import token_logprobs_triton
+    if chosen == "triton" and logits.dtype != torch.float64:
+        from ._fused import token_logprobs_triton
 
         logp, entropy = token_logprobs_triton(logits, safe_ids, temperature, True, inplace_backward=inplace_backward)
     else:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from ._dispatch import resolve_backend
 from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape, warn_if_empty
-from .aggregation import aggregate, check_aggregation, safe_div
+from .aggregation import aggregate, as_count, check_aggregation, safe_div
 from .kl import KL_KINDS, kl_terms
 from .objectives import GMPO, PPO, Objective, resolve_objective
 from .surrogates import check_surrogate_args, prepare_inputs
@@ -18,7 +19,8 @@ EMPTY_CALL = ("policy_loss: no valid token in this call (mask is all False: did 
 EMPTY_STEP = ("policy_loss: num_tokens=0, no valid token in the whole step (mask all False everywhere: did a filter "
               "drop every response?); the loss is 0 and nothing is trained on")
 
-PPO_DEFAULTS = {"eps_low": 0.2, "eps_high": None, "dual_clip": None, "delta": None, "level": "token"}
+# the flat PPO arguments' defaults are the PPO dataclass's (one source)
+PPO_DEFAULTS = {field.name: field.default for field in dataclasses.fields(PPO)}
 
 
 class PolicyLoss(NamedTuple):
@@ -63,7 +65,7 @@ def _gmpo_loss_torch(objective: GMPO, lp, old, a, mask, kl, beta, weights, max_l
     per_token_kl = torch.zeros_like(lp) if kl is None or beta == 0 else beta * kl
     per_token = torch.where(mask, per_token_kl, torch.zeros_like(lp))
     kl_rows = safe_div(per_token.sum(-1), mask.sum(-1).to(lp.dtype))
-    n_seq = torch.as_tensor(lp.shape[0] if num_seqs is None else num_seqs, dtype=lp.dtype, device=lp.device)
+    n_seq = as_count(lp.shape[0] if num_seqs is None else num_seqs, lp)
     return safe_div((row + kl_rows).sum(), n_seq) * dp_size, rho[:, None].expand_as(lp)
 
 
@@ -141,6 +143,41 @@ def check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tens
                          "pass token_weights.detach()")
     check_same_device(logp=logp, token_weights=w)
     return w
+
+
+def check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
+                           eps_low, eps_high, dual_clip, delta, level, max_log_ratio, aggregation, max_tokens,
+                           num_tokens, num_seqs, dp_size) -> tuple:
+    """Validate ``policy_loss``'s arguments once: the reference's and the kernels' argument tuple
+    ``(logp, old_logp, adv, mask (bool), objective, ref_logp, beta, kl, kl_bias_correction,
+    token_weights, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)``."""
+    mask, _ = check_surrogate_args(
+        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
+        max_log_ratio=max_log_ratio,
+    )
+    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
+                                               "delta": delta, "level": level})
+    check_number("beta", beta, low=0)
+    check_choice("kl", kl, KL_KINDS)
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    token_weights = check_token_weights(token_weights, logp)
+    if ref_logp is not None:
+        check_float("ref_logp", ref_logp)
+        check_same_shape("ref_logp", ref_logp, "logp", logp)
+        check_same_device(logp=logp, ref_logp=ref_logp)
+    elif beta != 0:
+        raise ValueError(f"beta={beta} adds a KL penalty, which needs ref_logp; got ref_logp=None")
+    max_tokens, num_tokens, num_seqs = check_aggregation(
+        aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+        device=logp.device,
+    )
+    if obj.per_row and aggregation != "seq_mean_token_mean":
+        raise ValueError(f'objective {obj.name} is per sequence and takes only aggregation="seq_mean_token_mean", '
+                         f"got aggregation={aggregation!r}")
+    args = (logp, old_logp, adv, mask, obj, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
+            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    return args
 
 
 def policy_loss(
@@ -243,44 +280,23 @@ def policy_loss(
         ``PolicyLoss(loss, metrics)``: a 0-d fp32 loss (fp64 for fp64 inputs) and a dict of 0-d
         detached fp32 metrics.
     """
-    mask, _ = check_surrogate_args(
-        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
-        max_log_ratio=max_log_ratio,
-    )
-    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
-                                               "delta": delta, "level": level})
-    check_number("beta", beta, low=0)
-    check_choice("kl", kl, KL_KINDS)
-    if not isinstance(kl_bias_correction, bool):
-        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
-    token_weights = check_token_weights(token_weights, logp)
-    if ref_logp is not None:
-        check_float("ref_logp", ref_logp)
-        check_same_shape("ref_logp", ref_logp, "logp", logp)
-        check_same_device(logp=logp, ref_logp=ref_logp)
-    elif beta != 0:
-        raise ValueError(f"beta={beta} adds a KL penalty, which needs ref_logp; got ref_logp=None")
-    max_tokens, num_tokens, num_seqs = check_aggregation(
-        aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-        device=logp.device,
-    )
-    if obj.per_row and aggregation != "seq_mean_token_mean":
-        raise ValueError(f'objective {obj.name} is per sequence and takes only aggregation="seq_mean_token_mean", '
-                         f"got aggregation={aggregation!r}")
-    args = (logp, old_logp, adv, mask, obj, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
-            aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    args = check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction,
+                                  token_weights, eps_low, eps_high, dual_clip, delta, level, max_log_ratio,
+                                  aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    obj, mask = args[4], args[3]
     chosen = resolve_backend(backend, logp, old_logp, adv, mask, ref_logp)
     if chosen == "triton":
-        from .kernels.policy_loss import fused_support, policy_loss_triton
+        from ._fused import fused_dtype, fused_support, policy_loss_triton
 
         reason = fused_support(obj, kl_bias_correction)
-        if reason is None:
+        # fp64 (gradcheck) goes to the reference: the kernels accumulate in fp32 by design
+        if reason is None and fused_dtype(logp, old_logp, adv, ref_logp, token_weights):
             # the fused path never reads its count back (CUDA; under the interpreter too, so that its
             # counted syncs are CUDA's): only a count given as a number can warn here
             if not isinstance(num_tokens, torch.Tensor):
                 warn_if_empty(num_tokens, EMPTY_STEP)
             return PolicyLoss(*policy_loss_triton(*args))
-        if backend == "triton":
+        if reason is not None and backend == "triton":
             raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
     out = _policy_loss_torch(*args)
     if num_tokens is None:

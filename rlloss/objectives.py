@@ -14,11 +14,11 @@ finite; it binds only at log-ratios of 20 (a ratio of 5e8).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import torch
 
+from ._constants import LOG_FLOOR, LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX, VESPO_MIN_LAM
 from ._validate import check_choice, check_number
 
 
@@ -186,7 +186,7 @@ class DPPO(Objective):
         if self.divergence == "tv":
             ok_pos, ok_neg = p - q <= self.high, p - q >= -self.low
         else:
-            b = q * (old_logp - logp) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+            b = q * (old_logp - logp) + (1 - q) * torch.log((1 - q + LOG_FLOOR) / (1 - p + LOG_FLOOR))
             ok_pos, ok_neg = (b <= self.high) | (p <= q), (b <= self.low) | (p >= q)
         return torch.where(adv > 0, ok_pos, ok_neg)
 
@@ -241,12 +241,12 @@ class VESPO(Objective):
 
     def token_loss(self, logp, old_logp, adv, mask, max_log_ratio):
         dc = _clamped(logp - old_logp, max_log_ratio).detach()
-        lw = torch.clamp(torch.where(mask, dc, torch.zeros_like(dc)).sum(-1, keepdim=True), math.log(1e-8), 20.0)
+        lw = torch.clamp(torch.where(mask, dc, torch.zeros_like(dc)).sum(-1, keepdim=True), LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX)
         w = torch.exp(lw)
         positive = adv >= 0
         k = torch.where(positive, torch.full_like(adv, self.k_pos), torch.full_like(adv, self.k_neg))
-        lam = torch.where(positive, torch.full_like(adv, max(self.lam_pos, 1e-4)),
-                          torch.full_like(adv, max(self.lam_neg, 1e-4)))
+        lam = torch.where(positive, torch.full_like(adv, max(self.lam_pos, VESPO_MIN_LAM)),
+                          torch.full_like(adv, max(self.lam_neg, VESPO_MIN_LAM)))
         phi = torch.exp(lam + k * lw - lam * w)
         return -phi * adv * logp, w.expand_as(logp), {}
 

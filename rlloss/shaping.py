@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_groups, check_number, check_tensor
+from ._validate import check_groups, check_number, check_tensor, check_values
 from .advantages import group_index
 
 
@@ -42,10 +42,10 @@ def dynamic_sampling_mask(rewards: torch.Tensor, groups: torch.Tensor | None = N
     if rewards.is_complex():
         raise TypeError(f"rewards must be real, got {rewards.dtype}")
     groups = check_groups(groups, group_size, rewards.shape[0], rewards.device)
-    if rewards.dtype.is_floating_point and bool(torch.isnan(rewards).any()):
-        raise ValueError("rewards must not contain NaN")
+    if rewards.dtype.is_floating_point:
+        check_values(~torch.isnan(rewards), "rewards must not contain NaN")
     if resolve_backend(backend, rewards) == "triton":
-        from .kernels.shaping import dynamic_sampling_mask_triton
+        from ._fused import dynamic_sampling_mask_triton
 
         return dynamic_sampling_mask_triton(rewards, groups)
     return _dynamic_sampling_mask_torch(rewards, groups)
@@ -98,12 +98,11 @@ def soft_overlong_penalty(
     if cache_len > max_len:
         raise ValueError(f"cache_len must be <= max_len, got cache_len={cache_len} > max_len={max_len}")
     check_number("factor", factor, low=0)
-    if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"lengths must be non-negative, got min {lengths.min().item()}")
-    if lengths.dtype.is_floating_point and bool(torch.isnan(lengths).any()):
-        raise ValueError("lengths must not contain NaN")
-    if resolve_backend(backend, lengths) == "triton":
-        from .kernels.shaping import soft_overlong_penalty_triton
+    check_values(~(lengths < 0), "lengths must be non-negative, got a negative length")
+    if lengths.dtype.is_floating_point:
+        check_values(~torch.isnan(lengths), "lengths must not contain NaN")
+    if resolve_backend(backend, lengths) == "triton" and lengths.dtype != torch.float64:
+        from ._fused import soft_overlong_penalty_triton
 
         return soft_overlong_penalty_triton(lengths, max_len, cache_len, factor)
     return _soft_overlong_penalty_torch(lengths, max_len, cache_len, factor)

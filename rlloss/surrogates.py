@@ -139,10 +139,11 @@ def clipped_surrogate(
 
 def _dispatch_surrogate(objective: Objective, logp, old_logp, adv, mask, max_log_ratio, backend) -> torch.Tensor:
     if resolve_backend(backend, logp, old_logp, adv, mask) == "triton":
-        from .kernels.policy_loss import fused_support
-        from .kernels.surrogate import objective_surrogate_triton
+        from ._fused import fused_dtype, fused_support, objective_surrogate_triton
 
         reason = fused_support(objective, False)
+        if reason is None and not fused_dtype(logp, old_logp, adv):
+            return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
         if reason is None:
             return objective_surrogate_triton(objective, logp, old_logp, adv, mask, max_log_ratio)
         if backend == "triton":

@@ -134,7 +134,7 @@ def test_token_read_model():
                               "s_adv_t", "s_m_b", "s_m_t", "s_ref_b", "s_ref_t", "s_w_b", "s_w_t")}
     ptrs = {"logp_ptr": "*bf16", "old_ptr": "*bf16", "adv_ptr": "*fp32", "mask_ptr": "*u8", "ref_ptr": "*bf16",
             "w_ptr": "*bf16", "stats_ptr": "*fp32", "grad_ptr": "*bf16", "part_ptr": "*fp32", "tok_loss_ptr": "*fp32"}
-    flags = ("F1", "F2", "HAS_OLD", "ADV_PER_TOKEN", "HAS_REF", "ADD_KL", "KL_BIAS", "WRITE_GRAD",
+    flags = ("DUAL_CLIP", "DELTA", "CLAMP_LOW", "CLAMP_HIGH", "HAS_OLD", "ADV_PER_TOKEN", "HAS_REF", "ADD_KL", "KL_BIAS", "WRITE_GRAD",
              "WRITE_PARTIALS", "WRITE_TOKEN_LOSS")
     switches = ("OBJ", "ROW_STAT", "WEIGHTS", "KL_KIND")
     signature = {**ptrs, **sig, **{n: "fp32" for n in ("p0", "p1", "p2", "p3", "max_log_ratio", "beta", "kl_clamp")},

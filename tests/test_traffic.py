@@ -131,3 +131,33 @@ def test_fused_policy_loss_launches_and_bytes(recipe, dtype, mask_kind):
     assert fused.syncs == 0, report
     assert fused.n_launches <= max_launches, report
     assert fused.bytes <= max_ratio * floor, report
+
+
+# --------------------------------------------------------------------------------- from logits
+
+LB, LT, LV = 4, 64, 4096  # the counts scale with B*T*V: a small problem shows the same ratios
+# Fused from-logits, forward + backward: token-level objectives at most 4 launches (GSPO 5: its
+# row-ratio pass), no sync. Bytes: the forward reads the logits once, the backward reads them again
+# and writes the gradient, so with every position valid the ratio to the read-once-write-once floor
+# is 3/2 plus the small per-token inputs: 1.5x is the floor of any design with a separate backward
+# (1.45x would need the gradient formed in the forward, before grad_out is known). Masked positions
+# are neither read nor recomputed (prefix masks: about 1.1x).
+LOGITS_BOUNDS = {"full": 1.51, "prefix": 1.2}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mask_kind", ["full", "prefix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recipe", [GRPO, DAPO, GSPO], ids=lambda r: r.name.replace(" ", ""))
+def test_fused_policy_loss_from_logits_launches_and_bytes(recipe, dtype, mask_kind):
+    problem = traffic.make_logits_problem(LB, LT, LV, dtype, mask=mask_kind)
+    floor = traffic.minimum_bytes_from_logits(problem, recipe)
+    fused = traffic.count_from_logits(problem, recipe, "triton")
+    max_launches = 5 if recipe.level == "sequence" else 4
+    report = (f"from logits {recipe.name} {dtype} mask={mask_kind} B={LB} T={LT} V={LV}: {fused.n_launches} launches, "
+              f"{fused.syncs} syncs, {fused.bytes / floor:.3f}x the minimum {floor:,}\n{fused.table()}")
+    print(report)
+    assert fused.syncs == 0, report
+    assert fused.n_launches <= max_launches, report
+    assert all(launch.kind == "triton" for launch in fused.launches), report  # no torch glue between the kernels
+    assert fused.bytes <= LOGITS_BOUNDS[mask_kind] * floor, report
