@@ -156,11 +156,11 @@ class _ShardedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group):
-        from .kernels import linear_ops
+        from .kernels import ops
         from .kernels.linear_logprobs import finish_stats
 
         dist = torch.distributed
-        m, s, u, zt = linear_ops.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
+        m, s, u, zt = ops.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
         big_m = m.clone()
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
         scale = torch.exp(m - big_m)
@@ -176,12 +176,12 @@ class _ShardedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        from .kernels import linear_ops
+        from .kernels import ops
 
         hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(m)
-        dh32, dw, db = linear_ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
+        dh32, dw, db = ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
                                                g_logp, g_entropy, ctx.temperature, True)
         torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
         return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None
@@ -258,9 +258,9 @@ def linear_token_logprobs(
     check_ids_in_vocab(ids1, valid1, vocab)
     if chosen == "triton" and hidden.dtype != torch.float64:
         if group is None:
-            from .kernels import linear_ops
+            from .kernels import ops
 
-            logp, entropy, _, _ = linear_ops.linear_token_logprobs(h2, weight, bias, ids1, valid1, float(temperature))
+            logp, entropy, _, _ = ops.linear_token_logprobs(h2, weight, bias, ids1, valid1, float(temperature))
         else:
             logp, entropy = _ShardedLinearLogprobs.apply(h2, weight, bias, ids1, valid1, vocab_start,
                                                          float(temperature), group)

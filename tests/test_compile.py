@@ -102,8 +102,8 @@ def test_step_compiles_whole_under_inductor():
 
 def shaping_step(rewards, lengths, backend):
     shaped = rewards + rlloss.soft_overlong_penalty(lengths, max_len=16, cache_len=4, backend=backend)
-    keep = rlloss.dynamic_sampling_mask(shaped, 4, backend=backend)
-    return rlloss.group_advantages(shaped, 4, backend=backend) * keep
+    keep = rlloss.dynamic_sampling_mask(shaped, group_size=4, backend=backend)
+    return rlloss.group_advantages(shaped, group_size=4, backend=backend) * keep
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -275,28 +275,7 @@ def test_out_of_range_ids_where_masked_are_never_read():
         assert bool((logp[~mask] == 0).all()) and bool(torch.isfinite(logp).all())
 
 
-# --- custom ops ----------------------------------------------------------------------------------------
-
-
-@needs_triton
-def test_custom_ops_pass_opcheck():
-    """Schema, fake tensors, autograd registration and AOT dispatch of the three ``rlloss::linear_*`` ops."""
-    from rlloss.kernels import linear_ops
-
-    hidden, weight, b, ids, mask = make_head(70, 17, 131, torch.float32, 8, bias=True, mask_kind="random")
-    h, w, b = hidden.reshape(70, 17), weight, b
-    ids, valid = ids.reshape(70), mask.reshape(70)
-    start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    h = torch.where(valid[:, None], h, 0.0)  # opcheck compares outputs with NaN-aware equality; keep them finite
-    gen = torch.Generator().manual_seed(8)
-    m, log_s, ent, gl, ge = (torch.randn(70, generator=gen).to(DEVICE) for _ in range(5))
-    torch.library.opcheck(linear_ops.linear_token_logprobs,
-                          (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), ids, valid, 0.9))
-    plain = (h.detach(), w.detach())
-    torch.library.opcheck(linear_ops.linear_stats, (*plain, b.detach(), ids, valid, start, 0.9))
-    torch.library.opcheck(linear_ops.linear_grads, (*plain, b.detach(), ids, valid, start, m, log_s, ent, gl, ge, 0.9))
-    torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, None, 0.9))
-    torch.library.opcheck(linear_ops.linear_grads, (*plain, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True))
+# --- custom ops: their opcheck cases are in tests/test_ops.py, with every other rlloss:: op's ------------
 
 
 @needs_triton

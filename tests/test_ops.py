@@ -120,7 +120,25 @@ def other_cases():
                                                     pl[0].dtype)
 
 
-CASES = list(policy_loss_cases()) + list(other_cases())
+def linear_cases():
+    """The loss from hidden states: ``rlloss::linear_*`` (N=70 tokens, H=17, V=131: no block multiple)."""
+    gen = torch.Generator().manual_seed(8)
+    n, h_dim, v = 70, 17, 131
+    valid = torch.rand(n, generator=gen) > 0.3
+    h = torch.where(valid[:, None], torch.randn(n, h_dim, generator=gen), 0.0)  # opcheck: keep outputs finite
+    w, b = torch.randn(v, h_dim, generator=gen) * 0.3, torch.randn(v, generator=gen)
+    ids = torch.where(valid, torch.randint(0, v, (n,), generator=gen), -100)
+    start = torch.zeros(1, dtype=torch.int64)
+    m, log_s, ent, gl, ge = (torch.randn(n, generator=gen) for _ in range(5))
+    grad = (h.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True))
+    yield "bias", ops.linear_token_logprobs, (*grad, ids, valid, 0.9)
+    yield "bias", ops.linear_stats, (h, w, b, ids, valid, start, 0.9)
+    yield "bias", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9)
+    yield "logp-only", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, None, 0.9)
+    yield "fp32-dh", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True)
+
+
+CASES = list(policy_loss_cases()) + list(other_cases()) + list(linear_cases())
 
 
 def _id(case):
