@@ -448,3 +448,172 @@ def test_the_oracle_draws_bind_the_clips(name):
         positive, negative = positive + int((signs > 0).sum()), negative + int((signs < 0).sum())
     assert bound >= MIN_BIND_SHARE.get(name, 0.25) * valid, f"{name}: only {bound} of {valid} valid tokens bind"
     assert positive >= 0.3 * valid and negative >= 0.3 * valid
+
+
+def test_clip_cov_zeroes_exactly_k_of_its_candidates():
+    """With ``ratio < 1`` the drawn candidates depend on the generator; what SPEC fixes: exactly
+    ``min(max(int(ratio*N), 1), #candidates)`` candidates get 0, every other valid token ``max(l1, l2)``."""
+    ratio, cov_low, cov_high, eps = 0.1, -0.5, 2.0, 0.2
+    for seed in range(6):
+        pb = make_problem(seed, 4, 8, per_token_adv=True)
+        out = rlloss.clip_cov_surrogate(pb.logp, pb.old, pb.adv, pb.mask, ratio=ratio, cov_low=cov_low,
+                                        cov_high=cov_high, eps_low=eps, backend="torch")
+        B, T = pb.mask.shape
+        valid = [(i, t) for i in range(B) for t in range(T) if pb.mask[i, t]]
+        if not valid:
+            continue
+        mean_a = sum(pb.a(i, t) for i, t in valid) / len(valid)
+        mean_lp = sum(float(pb.logp[i, t]) for i, t in valid) / len(valid)
+        candidates, rest = [], {}
+        for i, t in valid:
+            r = math.exp(min(max(float(pb.logp[i, t] - pb.old[i, t]), -MLR), MLR))
+            a = pb.a(i, t)
+            l1, l2 = -a * r, -a * min(max(r, 1 - eps), 1 + eps)
+            cov = (a - mean_a) * (float(pb.logp[i, t]) - mean_lp)
+            if l2 <= l1 and cov_low < cov < cov_high:
+                candidates.append((i, t))
+            rest[i, t] = max(l1, l2)
+        k = min(max(int(ratio * len(valid)), 1), len(candidates))
+        zeroed = [(i, t) for i, t in candidates if float(out[i, t]) == 0.0]
+        assert len(zeroed) == k, (seed, len(zeroed), k)
+        for (i, t), value in rest.items():
+            if (i, t) not in zeroed:
+                assert math.isclose(float(out[i, t]), value, rel_tol=1e-12, abs_tol=1e-12), (seed, i, t)
+        assert not bool(out[~pb.mask].any())
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantage estimators: the edge rules (singletons, ties, all-equal groups), from SPEC "Advantages"
+# and "More advantage estimators"
+# ----------------------------------------------------------------------------------------------
+
+
+def unbiased_std(xs: list) -> torch.Tensor:
+    mean = sum(xs, const(0.0)) / len(xs)
+    return torch.sqrt(sum(((x - mean) ** 2 for x in xs), const(0.0)) / (len(xs) - 1))
+
+
+def oracle_group_advantages(r: torch.Tensor, ids: list[int], baseline: str, scale: str, eps: float,
+                            singleton: str) -> torch.Tensor:
+    n = len(ids)
+    rs = [r[i] for i in range(n)]
+    out = []
+    batch_std = unbiased_std(rs) if scale == "batch" else None
+    for i in range(n):
+        group = [j for j in range(n) if ids[j] == ids[i]]
+        if len(group) == 1:  # no baseline: 0, or (keep) "it keeps its score" (the batch std still divides)
+            if singleton == "zero":
+                out.append(const(0.0))
+            elif scale == "batch":
+                out.append(rs[i] / (batch_std + eps))
+            else:
+                out.append(rs[i])
+            continue
+        else:
+            others = group if baseline == "mean" else [j for j in group if j != i]
+            b = sum((rs[j] for j in others), const(0.0)) / len(others)
+            std = unbiased_std([rs[j] for j in group])
+        if scale == "group":
+            out.append((rs[i] - b) / (std + eps))
+        elif scale == "batch":
+            out.append((rs[i] - b) / (batch_std + eps))
+        else:
+            out.append(rs[i] - b)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1),
+       reward_kind=st.sampled_from(["binary", "few", "continuous"]),
+       baseline=st.sampled_from(["mean", "loo"]), scale=st.sampled_from(["group", "batch", "none"]),
+       singleton=st.sampled_from(["zero", "keep"]), eps=st.sampled_from([1e-6, 1e-4, 0.5]))
+def test_group_advantages_match_the_oracle(backend, sizes, seed, reward_kind, baseline, scale, singleton, eps):
+    """Groups of 1 to 5 in shuffled order; binary or few-valued rewards make ties and all-equal
+    groups common. Values, and gradients where no std is 0 (the derivative of a std at 0 does not exist)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [g for g, size in enumerate(sizes) for _ in range(size)]
+    order = torch.randperm(len(ids), generator=gen).tolist()
+    ids = [ids[k] for k in order]
+    n = len(ids)
+    if scale == "batch" and n < 2:
+        ids, n = ids * 2, 2 * n  # the batch std needs two rewards
+    if reward_kind == "binary":
+        rewards = torch.randint(0, 2, (n,), generator=gen).to(F64)
+    elif reward_kind == "few":
+        rewards = torch.randint(0, 3, (n,), generator=gen).to(F64) * 0.5 - 0.25
+    else:
+        rewards = torch.randn(n, generator=gen, dtype=F64)
+    leaf = rewards.clone().requires_grad_(True)
+    expected = oracle_group_advantages(leaf, ids, baseline, scale, eps, singleton)
+    dtype = F64 if backend == "torch" else torch.float32
+    got_leaf = rewards.to(device=DEVICE, dtype=dtype).requires_grad_(True)
+    got = rlloss.group_advantages(got_leaf, torch.tensor(ids, device=DEVICE), baseline=baseline, scale=scale,
+                                  eps=eps, singleton=singleton, backend=backend)
+    what = f"ids={ids} rewards={rewards.tolist()}"
+    assert_close(got.detach().cpu().double(), expected.detach(), F64 if backend == "torch" else torch.float32,
+                 what=what)
+
+    def std_is_zero(members: list[int]) -> bool:
+        return len(members) >= 2 and len({float(rewards[j]) for j in members}) == 1
+
+    groups = [[j for j in range(n) if ids[j] == g] for g in set(ids)]
+    if (scale == "group" and any(std_is_zero(g) for g in groups)) or (scale == "batch" and std_is_zero(list(range(n)))):
+        return
+    cot = torch.randn(n, generator=gen, dtype=F64)
+    weighted = (expected * cot).sum()
+    expected_grad = (torch.autograd.grad(weighted, leaf, allow_unused=True, materialize_grads=True)[0]
+                     if weighted.requires_grad else torch.zeros_like(leaf))
+    (grad,) = torch.autograd.grad((got * cot.to(got)).sum(), got_leaf, allow_unused=True, materialize_grads=True)
+    tol_dtype = F64 if backend == "torch" else torch.float32
+    assert_close(grad.cpu().double(), expected_grad, tol_dtype, what=what)
+
+
+def test_group_advantages_edge_rules_by_hand():
+    """A singleton, an all-equal group and a tie, worked by hand (the rules, not a formula)."""
+    r = torch.tensor([3.0, 1.0, 1.0, 0.0, 1.0, 2.0, 2.0], dtype=F64)
+    ids = torch.tensor([0, 1, 1, 2, 2, 3, 3])  # 0: singleton; 1: all equal; 2: two values; 3: tie
+    zero = rlloss.group_advantages(r, ids, scale="none", backend="torch")
+    assert zero.tolist() == [0.0, 0.0, 0.0, -0.5, 0.5, 0.0, 0.0]
+    keep = rlloss.group_advantages(r, ids, scale="none", singleton="keep", backend="torch")
+    assert keep.tolist() == [3.0, 0.0, 0.0, -0.5, 0.5, 0.0, 0.0]
+    loo = rlloss.group_advantages(r, ids, baseline="loo", scale="none", backend="torch")
+    assert loo.tolist() == [0.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]
+    grpo = rlloss.group_advantages(r, ids, eps=0.0 + 1e-6, backend="torch")
+    std2 = math.sqrt(0.5)  # unbiased std of {0, 1}
+    torch.testing.assert_close(grpo, torch.tensor([0.0, 0.0, 0.0, -0.5 / (std2 + 1e-6), 0.5 / (std2 + 1e-6), 0.0, 0.0],
+                                                  dtype=F64), rtol=1e-12, atol=0)
+
+
+def oracle_passk(scores: list[float], ids: list[int], scale: str, eps: float) -> list[float]:
+    out = []
+    for i, s in enumerate(scores):
+        group = [scores[j] for j in range(len(ids)) if ids[j] == ids[i]]
+        best = max(group)
+        if s != best or group.count(best) > 1:  # not the best, or a tie for the best: 0
+            out.append(0.0)
+            continue
+        gap = best - max(x for x in group if x != best)
+        if scale == "group":
+            mean = sum(group) / len(group)
+            gap /= math.sqrt(sum((x - mean) ** 2 for x in group) / (len(group) - 1)) + eps
+        out.append(gap)
+    return out
+
+
+@given(sizes=st.lists(st.integers(2, 5), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1),
+       few_values=st.booleans(), scale=st.sampled_from(["group", "none"]))
+def test_passk_advantages_match_the_oracle(sizes, seed, few_values, scale):
+    """Only the best of a group gets ``best - second``; a tie for the best gives the whole group 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [g for g, size in enumerate(sizes) for _ in range(size)]
+    ids = [ids[k] for k in torch.randperm(len(ids), generator=gen).tolist()]
+    n, t = len(ids), 3
+    scores = (torch.randint(0, 3, (n,), generator=gen).to(F64) if few_values
+              else torch.randn(n, generator=gen, dtype=F64))
+    mask = torch.rand(n, t, generator=gen) < 0.7
+    got = rlloss.passk_advantages(scores.to(DEVICE), torch.tensor(ids, device=DEVICE), mask.to(DEVICE), scale=scale)
+    expected = oracle_passk(scores.tolist(), ids, scale, 1e-6)
+    for i in range(n):
+        for j in range(t):
+            want = expected[i] if mask[i, j] else 0.0
+            assert math.isclose(float(got[i, j]), want, rel_tol=1e-12, abs_tol=1e-12), (ids, scores.tolist(), i, j)
