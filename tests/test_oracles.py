@@ -535,7 +535,8 @@ def oracle_group_advantages(r: torch.Tensor, ids: list[int], baseline: str, scal
        singleton=st.sampled_from(["zero", "keep"]), eps=st.sampled_from([1e-6, 1e-4, 0.5]))
 def test_group_advantages_match_the_oracle(backend, sizes, seed, reward_kind, baseline, scale, singleton, eps):
     """Groups of 1 to 5 in shuffled order; binary or few-valued rewards make ties and all-equal
-    groups common. Values, and gradients where no std is 0 (the derivative of a std at 0 does not exist)."""
+    groups common. Values on both backends; float64 gradients of the reference where no std is 0
+    (the derivative of a std at 0 does not exist)."""
     gen = torch.Generator().manual_seed(seed)
     ids = [g for g, size in enumerate(sizes) for _ in range(size)]
     order = torch.randperm(len(ids), generator=gen).tolist()
@@ -565,13 +566,14 @@ def test_group_advantages_match_the_oracle(backend, sizes, seed, reward_kind, ba
     groups = [[j for j in range(n) if ids[j] == g] for g in set(ids)]
     if (scale == "group" and any(std_is_zero(g) for g in groups)) or (scale == "batch" and std_is_zero(list(range(n)))):
         return
+    if backend != "torch":  # fp32 gradients cancel (a group of two: exactly); test_kernels_advantages bounds them
+        return
     cot = torch.randn(n, generator=gen, dtype=F64)
     weighted = (expected * cot).sum()
     expected_grad = (torch.autograd.grad(weighted, leaf, allow_unused=True, materialize_grads=True)[0]
                      if weighted.requires_grad else torch.zeros_like(leaf))
     (grad,) = torch.autograd.grad((got * cot.to(got)).sum(), got_leaf, allow_unused=True, materialize_grads=True)
-    tol_dtype = F64 if backend == "torch" else torch.float32
-    assert_close(grad.cpu().double(), expected_grad, tol_dtype, what=what)
+    assert_close(grad.cpu().double(), expected_grad, F64, what=what)
 
 
 def test_group_advantages_edge_rules_by_hand():
