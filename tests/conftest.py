@@ -3,14 +3,24 @@
 Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors, which needs
 ``TRITON_INTERPRET=1`` before triton is first imported: set here (the README's test command sets it
 too). On a CUDA machine run without it and the same tests run the compiled kernels on the GPU.
+``TRITON_INTERPRET=0`` on a machine without CUDA is a usage error, not a run that skips every kernel.
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] in ("", "0"):
+        # Without CUDA and without the interpreter every kernel test would be skipped: a green run
+        # that tested no kernel. Say so instead.
+        raise pytest.UsageError(
+            f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r} on a machine without CUDA: the Triton kernel "
+            "tests can only run in Triton's interpreter here, and would all be skipped. Unset TRITON_INTERPRET "
+            "or set it to 1 (on a CUDA machine, run without it)."
+        )
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

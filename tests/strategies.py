@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 import rlloss
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from helpers import DEVICE
@@ -92,20 +93,38 @@ def make_problem(b: int, t: int, dtype: torch.dtype, seed: int, mask_kind: str =
     )
 
 
+def is_informative(problem: LossProblem) -> bool:
+    """At least two non-empty rows with a non-zero advantage on a valid token.
+
+    What the batch properties (micro-batch split, random partition, permutation) are about: with
+    one row, one non-empty row or zero advantages the loss is a single row's (or 0) and a wrong
+    normaliser or a mixed-up row survives them.
+    """
+    adv = problem.adv if problem.adv.dim() == 2 else problem.adv[:, None].expand_as(problem.mask)
+    rows_with_signal = ((adv != 0) & problem.mask).any(-1)
+    return problem.logp.shape[0] >= 2 and int(rows_with_signal.sum()) >= 2
+
+
 @st.composite
 def loss_problems(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, max_b: int = 6,
-                  max_t: int | None = None) -> LossProblem:
-    b = draw(batch_sizes(max_b))
+                  max_t: int | None = None, informative: bool = False) -> LossProblem:
+    """A ``LossProblem``; ``informative=True`` draws only problems with ``is_informative`` (B >= 2,
+    no all-masked batch, no all-zero advantages; the degenerate cases need their own tests)."""
+    b = draw(st.integers(2, max(2, max_b)) if informative else batch_sizes(max_b))
     t = draw(seq_lengths() if max_t is None else st.integers(1, max_t))
-    return make_problem(
+    degenerate_masks, degenerate_advs = ("all_masked",), ("zero",)
+    problem = make_problem(
         b, t,
         dtype=draw(st.sampled_from(dtypes)),
         seed=draw(st.integers(0, 2**31 - 1)),
-        mask_kind=draw(st.sampled_from(MASK_KINDS)),
-        adv_kind=draw(st.sampled_from(ADV_KINDS)),
+        mask_kind=draw(st.sampled_from([k for k in MASK_KINDS if not (informative and k in degenerate_masks)])),
+        adv_kind=draw(st.sampled_from([k for k in ADV_KINDS if not (informative and k in degenerate_advs)])),
         spread=draw(st.sampled_from(LOG_RATIO_SPREADS)),
         old_is_none=draw(st.sampled_from([False, False, False, True])),
     )
+    if informative:
+        assume(is_informative(problem))
+    return problem
 
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")

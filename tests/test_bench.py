@@ -26,10 +26,27 @@ import problems  # noqa: E402
 pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
 
 
+def with_binding_clips(inputs: dict[str, torch.Tensor], eps_low: float, eps_high: float) -> dict[str, torch.Tensor]:
+    """The benchmark's inputs with log-ratios spread past both clip bounds (its own drift of 0.05
+    never reaches them), and the share of valid tokens whose clip binds checked to be large."""
+    gen = torch.Generator().manual_seed(1)
+    old = inputs["old_logp"]
+    regions = torch.tensor([-0.6, -0.25, -0.05, 0.05, 0.3, 0.7])
+    d = regions[torch.randint(0, len(regions), old.shape, generator=gen)] * (1 + 0.1 * torch.rand(old.shape, generator=gen))
+    out = {**inputs, "logp": old + d.to(old)}
+    r, adv = torch.exp(d), inputs["adv"][:, None].cpu()
+    binds = ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & (r < 1 - eps_low))
+    mask = inputs["mask"].cpu()
+    assert int((binds & mask).sum()) >= 0.25 * int(mask.sum()), "the clips must bind on a fair share of tokens"
+    return out
+
+
 @pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))
 @pytest.mark.parametrize("kl", [False, True])
 def test_contenders_compute_the_same_loss_and_gradient(recipe, kl):
-    inputs = problems.loss_inputs(4, 33, torch.float32, DEVICE)
+    opts = bench_loss.RECIPES[recipe].loss_kwargs()
+    inputs = with_binding_clips(problems.loss_inputs(4, 33, torch.float32, DEVICE), opts["eps_low"],
+                                opts["eps_high"])
     results = {}
     for name in (bench_loss.BASELINE, "rlloss-torch", "rlloss-triton"):
         leaf = inputs["logp"].detach().clone().requires_grad_(True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import rlloss
@@ -300,7 +300,6 @@ def _nan_fill(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.full_like(x, NAN))
 
 
-@settings(max_examples=40)
 @given(data=logp_pairs(), level=st.sampled_from(["token", "sequence"]), mode=st.sampled_from(["truncate", "mask"]),
        bounds=st.sampled_from([(None, None), (None, 2.0), (0.5, 2.0), (0.9, 1.1), (1.0, 1.0)]),
        normalize=st.booleans())
@@ -331,7 +330,6 @@ def test_importance_weights_properties(data, level, mode, bounds, normalize):
                 assert bool((w[agree] == 1.0).all())
 
 
-@settings(max_examples=40)
 @given(data=logp_pairs(), kind=st.sampled_from(["k1", "k2", "k3"]),
        level=st.sampled_from(["token", "seq_sum", "seq_mean", "seq_max"]), high=st.sampled_from([1.01, 2.0, 0.5]))
 def test_rejection_and_off_policy_mask_properties(data, kind, level, high):
@@ -351,7 +349,6 @@ def test_rejection_and_off_policy_mask_properties(data, kind, level, high):
                                                    threshold=0.1))
 
 
-@settings(max_examples=40)
 @given(data=logp_pairs(), fraction=st.sampled_from([1e-3, 0.1, 0.2, 1 / 3, 0.5, 0.8, 1.0]))
 def test_top_entropy_mask_matches_torch_quantile(data, fraction):
     old, _, mask, _ = data

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import rlloss
@@ -277,7 +277,6 @@ def _nan_fill(x, mask):
     return torch.where(mask, x, torch.full_like(x, NAN))
 
 
-@settings(max_examples=40)
 @given(problem=token_problems())
 def test_whiten_gives_zero_mean_unit_variance(problem):
     x, mask, _ = problem
@@ -305,7 +304,6 @@ def _returns_loop(r, mask, gamma):
     return out
 
 
-@settings(max_examples=40)
 @given(problem=token_problems(), gamma=st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]))
 def test_discounted_returns_match_the_sequential_scan(problem, gamma):
     r, mask, kind = problem
@@ -343,7 +341,6 @@ GROUP_ESTIMATORS = {
 }
 
 
-@settings(max_examples=30)
 @given(problem=group_problems(), singleton=st.sampled_from(["zero", "keep"]))
 def test_permuting_samples_permutes_advantages(problem, singleton):
     scores, g, mask, perm, gen = problem
@@ -361,7 +358,6 @@ def test_permuting_samples_permutes_advantages(problem, singleton):
     close(out_p, out[perm], rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=30)
 @given(problem=group_problems(min_size=2), scale=st.sampled_from(["group", "none"]))
 def test_passk_permutation_and_one_best_per_group(problem, scale):
     scores, g, mask, perm, _ = problem
@@ -378,7 +374,6 @@ def test_passk_permutation_and_one_best_per_group(problem, scale):
     close(rlloss.passk_advantages(scores, g, mask, scale=scale), out[:, None] * mask)
 
 
-@settings(max_examples=30)
 @given(problem=group_problems())
 def test_masked_positions_never_matter(problem):
     scores, g, mask, _, gen = problem

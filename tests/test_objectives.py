@@ -292,7 +292,7 @@ def test_microbatches_with_global_counts_sum_to_the_full_batch(backend, objectiv
         total = total + out.loss
     (grad,) = torch.autograd.grad(total, leaf)
     assert_close(total, full.loss, torch.float32, scale=1.0)
-    assert_close(grad, full_grad, torch.float32, scale=float(full_grad.abs().max()))
+    assert_close(grad, full_grad, torch.float32)  # element-wise: each element comes from one micro-batch
 
 
 def test_kl_cov_does_not_split_over_microbatches():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import rlloss
@@ -49,25 +49,13 @@ def test_masked_positions_never_matter(backend, problem, opts):
         assert torch.equal(value, clean.metrics[name]), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@given(problem=loss_problems(max_b=8), opts=loss_options(), data=st.data())
-def test_microbatches_and_ranks_with_global_counts_sum_to_the_full_batch(backend, problem, opts, data):
-    """Sum over micro-batches, mean over ranks (as DDP does), with the step's global counts and
-    ``dp_size``: exactly the full-batch loss and gradient, for every aggregation."""
-    kw = call_options(problem, opts)
-    full, full_grad = loss_and_grad(problem, backend, **kw)
-    b = problem.logp.shape[0]
-    ranks = data.draw(st.integers(1, min(2, b)), label="ranks")
-    cuts = sorted(data.draw(st.lists(st.integers(1, b - 1), max_size=3, unique=True), label="cuts")) if b > 1 else []
-    bounds = [0, *cuts, b]
-    pieces = list(zip(bounds[:-1], bounds[1:]))
-    per_rank = [pieces[r::ranks] for r in range(ranks)]
-    if any(not p for p in per_rank):
-        per_rank = [pieces]
-        ranks = 1
-    counts = {"num_tokens": problem.mask.sum(), "num_seqs": b, "dp_size": ranks}
+def split_loss_and_grad(problem: LossProblem, backend: str, kw: dict, per_rank: list[list[tuple[int, int]]]):
+    """Sum over each rank's micro-batches (rows ``lo:hi``) with the step's global counts, mean over
+    ranks as DDP does: (loss, gradient)."""
+    ranks = len(per_rank)
+    counts = {"num_tokens": problem.mask.sum(), "num_seqs": problem.logp.shape[0], "dp_size": ranks}
     leaf = problem.fresh_logp()
-    total = torch.zeros((), dtype=full.loss.dtype, device=DEVICE)
+    total = torch.zeros((), dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32, device=DEVICE)
     for rank_pieces in per_rank:
         for lo, hi in rank_pieces:
             kw_mb = dict(kw)
@@ -78,17 +66,67 @@ def test_microbatches_and_ranks_with_global_counts_sum_to_the_full_batch(backend
                                      **kw_mb, **counts)
             total = total + out.loss / ranks  # DDP averages the ranks' gradients
     (grad,) = torch.autograd.grad(total, leaf)
-    assert_close(total, full.loss, torch.float32, scale=loss_magnitude(problem, kw), what=problem.description)
-    assert_close(grad, full_grad, problem.dtype, scale=float(full_grad.abs().max()) if grad.numel() else 0.0,
-                 what=problem.description)
+    return total, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(problem=loss_problems(max_t=300), opts=loss_options(), seed=st.integers(0, 2**31 - 1))
-def test_permuting_sequences_permutes_results(backend, problem, opts, seed):
+@given(problem=loss_problems(max_b=8, informative=True), opts=loss_options(), data=st.data())
+def test_microbatches_and_ranks_with_global_counts_sum_to_the_full_batch(backend, problem, opts, data):
+    """Sum over micro-batches, mean over ranks (as DDP does), with the step's global counts and
+    ``dp_size``: exactly the full-batch loss and gradient, for every aggregation.
+
+    Drawn so that the split matters: two or more rows with signal, at least one cut, a gradient
+    that is not identically 0 (the degenerate batches: ``test_microbatch_split_of_degenerate_batches``).
+    Each gradient element comes from one micro-batch, so it is compared element-wise."""
+    kw = call_options(problem, opts)
+    full, full_grad = loss_and_grad(problem, backend, **kw)
+    assume(bool((full_grad != 0).any()))
+    b = problem.logp.shape[0]
+    ranks = data.draw(st.integers(1, 2), label="ranks")
+    cuts = sorted(data.draw(st.lists(st.integers(1, b - 1), min_size=1, max_size=3, unique=True), label="cuts"))
+    bounds = [0, *cuts, b]
+    pieces = list(zip(bounds[:-1], bounds[1:]))
+    per_rank = [pieces[r::ranks] for r in range(ranks)]
+    total, grad = split_loss_and_grad(problem, backend, kw, per_rank)
+    assert_close(total, full.loss, torch.float32, scale=loss_magnitude(problem, kw), what=problem.description)
+    assert_close(grad, full_grad, problem.dtype, what=problem.description)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("case", ["one_row", "all_masked", "zero_adv", "one_nonempty_row"])
+def test_microbatch_split_of_degenerate_batches(backend, aggregation, case):
+    """The batches the split property no longer draws: one row (split into nothing), all masked and
+    zero advantages (loss and gradient 0, never NaN), one non-empty row among empty ones."""
+    b = 1 if case == "one_row" else 4
+    mask_kind = {"all_masked": "all_masked", "one_nonempty_row": "full"}.get(case, "random")
+    problem = make_problem(b, 9, torch.float32, seed=5, mask_kind=mask_kind, adv_kind="zero" if case == "zero_adv" else "seq")
+    if case == "one_nonempty_row":
+        problem.mask[1:] = False
+    kw = {"aggregation": aggregation, **({"max_tokens": 7} if aggregation == "constant" else {})}
+    full, full_grad = loss_and_grad(problem, backend, **kw)
+    per_rank = [[(0, 1)]] if b == 1 else [[(0, 1), (3, 4)], [(1, 3)]]
+    total, grad = split_loss_and_grad(problem, backend, kw, per_rank)
+    assert torch.isfinite(total) and torch.isfinite(grad).all()
+    assert_close(total, full.loss, torch.float32, what=case)
+    assert_close(grad, full_grad, torch.float32, what=case)
+    if case in ("all_masked", "zero_adv"):
+        assert float(full.loss.detach()) == 0.0 and not bool(full_grad.any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(problem=loss_problems(max_t=300, informative=True), opts=loss_options(), data=st.data())
+def test_permuting_sequences_permutes_results(backend, problem, opts, data):
+    """Drawn so that a mixed-up row would show: two or more rows with signal, a permutation that
+    moves rows, a gradient that is not identically 0."""
     kw = call_options(problem, opts)
     out, grad = loss_and_grad(problem, backend, **kw)
-    perm = torch.randperm(problem.logp.shape[0], generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    assume(bool((grad != 0).any()))
+    b = problem.logp.shape[0]
+    order = data.draw(st.permutations(range(b)), label="permutation")
+    if order == list(range(b)):  # the identity moves nothing: rotate instead
+        order = order[1:] + order[:1]
+    perm = torch.tensor(order, device=DEVICE)
     kw_p = dict(kw)
     if "ref_logp" in kw_p:
         kw_p["ref_logp"] = kw["ref_logp"][perm]
@@ -101,6 +139,19 @@ def test_permuting_sequences_permutes_results(backend, problem, opts, seed):
     per_token = rlloss.clipped_surrogate(problem.logp, problem.old_logp, problem.adv, problem.mask, backend=backend)
     per_token_p = rlloss.clipped_surrogate(leaf, old, problem.adv[perm], problem.mask[perm], backend=backend)
     assert_close(per_token_p, per_token[perm], torch.float32, what=problem.description)
+
+
+def test_permuting_a_single_row_or_an_empty_batch_changes_nothing():
+    """The degenerate batches the permutation property no longer draws."""
+    for problem in (make_problem(1, 7, torch.float32, seed=2), make_problem(3, 7, torch.float32, seed=2,
+                                                                            mask_kind="all_masked")):
+        out, grad = loss_and_grad(problem, "torch")
+        perm = torch.arange(problem.logp.shape[0] - 1, -1, -1, device=DEVICE)
+        leaf = problem.logp.detach()[perm].requires_grad_(True)
+        out_p = rlloss.policy_loss(leaf, problem.old_logp[perm], problem.adv[perm], problem.mask[perm],
+                                   backend="torch")
+        (grad_p,) = torch.autograd.grad(out_p.loss, leaf)
+        assert torch.equal(out_p.loss, out.loss) and torch.equal(grad_p, grad[perm])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
