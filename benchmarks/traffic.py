@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import aligned_table  # noqa: E402
-from problems import make_problem, rlloss_loss, trl_loss  # noqa: E402
+from problems import loss_options, make_problem, rlloss_loss, trl_loss  # noqa: E402
 
 METHOD = "counted (aten ops via TorchDispatchMode; Triton interpreter loads/stores)"
 
@@ -413,14 +413,14 @@ def count_from_logits(problem: LogitsProblem, recipe: Any, backend: str, entropy
     import rlloss
 
     p = problem.loss
-    kw = recipe_kwargs(recipe, p.logp.shape[1])
+    kw = loss_options(recipe, p.logp.shape[1])
     if recipe.beta != 0:
         kw["ref_logp"] = p.ref_logp
     logits = problem.logits.detach().clone().requires_grad_(True)
 
     def loss_fn() -> torch.Tensor:
         return rlloss.policy_loss_from_logits(logits, problem.ids, p.old_logp, p.adv, p.mask, entropy_coef=entropy_coef,
-                                              backend=backend, **recipe.loss_kwargs(), **kw).loss
+                                              backend=backend, **kw).loss
 
     seed = torch.ones(())
     torch.autograd.backward(loss_fn(), seed)
