@@ -258,7 +258,32 @@ def _run(problem, backend, kw):
 @needs_triton
 @given(problem=loss_problems(max_t=1100), data=st.data())
 def test_fused_objectives_match_reference(problem, data):
-    kw = data.draw(modifiers(problem))
+    _assert_fused_matches_reference(problem, data.draw(modifiers(problem)))
+
+
+ROW_STATISTIC = [rlloss.GMPO(), rlloss.GMPO(log_clip_low=0.05, log_clip_high=0.2),
+                 rlloss.PPO(level="sequence", eps_low=3e-4, eps_high=4e-4)]
+
+
+@needs_triton
+@given(problem=loss_problems(max_t=1100), data=st.data())
+def test_row_statistic_objectives_match_reference_with_kl(problem, data):
+    """GMPO and GSPO with a KL term, bias-corrected or not (at sequence level for GSPO: its gradient
+    runs through the row mean), every draw: the pre-pass's row sums against the reference."""
+    b, t_ = problem.logp.shape
+    objective = data.draw(st.sampled_from(ROW_STATISTIC))
+    kw = {"objective": objective, "aggregation": "seq_mean_token_mean" if _per_row(objective) else
+          data.draw(st.sampled_from(["token_mean", "seq_mean_token_mean", "token_sum"])),
+          "kl": data.draw(st.sampled_from(["k1", "k2", "k3", "abs", "k3+"])), "ref_logp": problem.ref_logp,
+          "beta": data.draw(st.sampled_from([0.04, 1.0])), "kl_bias_correction": data.draw(st.booleans())}
+    weights = data.draw(st.sampled_from([None, "row", "token"]))
+    if weights:
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+        kw["token_weights"] = torch.rand((b,) if weights == "row" else (b, t_), generator=gen).to(DEVICE)
+    _assert_fused_matches_reference(problem, kw)
+
+
+def _assert_fused_matches_reference(problem, kw):
     ref, ref_grad = _run(problem, "torch", kw)
     got, grad = _run(problem, "triton", kw)
     scale = 10 * loss_magnitude(problem, {**kw, "objective": None}) + float(ref.loss.detach().abs()) + 1.0

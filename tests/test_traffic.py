@@ -37,7 +37,8 @@ needs_interpreter = pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON)
 
 B, T = 16, 1024  # the mid size of the benchmark issue
 # recipe -> (launches, bytes / minimum), forward + backward
-BOUNDS = {GRPO.name: (3, 2.0), DAPO.name: (3, 2.0), DR_GRPO.name: (3, 2.0), GSPO.name: (4, 2.5), GMPO_RECIPE.name: (4, 2.5)}
+BOUNDS = {GRPO.name: (3, 2.0), DAPO.name: (3, 2.0), DR_GRPO.name: (3, 2.0), GSPO.name: (4, 2.5),
+          GMPO_RECIPE.name: (4, 2.5)}
 
 
 # --------------------------------------------------------------------------------- the counters
