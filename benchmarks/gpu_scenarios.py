@@ -68,6 +68,10 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
         add(f"policy_loss GSPO {dn}", policy(dt, **gspo))
         add(f"policy_loss all options, token level {dn}", policy(dt, **everything, aggregation="seq_mean_token_sum"))
         add(f"policy_loss all options, sequence level {dn}", policy(dt, **everything, level="sequence"))
+        add(f"policy_loss GMPO {dn}", policy(dt, objective=rlloss.GMPO(), ref=True, beta=0.04,
+                                             aggregation="seq_mean_token_mean"))
+        add(f"policy_loss GSPO, sequence-level kl_bias_correction {dn}",
+            policy(dt, **gspo, ref=True, beta=0.04, kl="k3+", kl_bias_correction=True))
     add("policy_loss Dr.GRPO fp32", policy(f32, aggregation="constant", max_tokens=T))
     add("policy_loss old_logp=None fp32", policy(f32, old=False))
     add("policy_loss ref_logp with beta=0 fp32", policy(f32, ref=True, beta=0.0))
@@ -87,6 +91,8 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
         b = B if t <= T else 2
         add(f"policy_loss GRPO fp32 T={t}", policy(f32, t=t, b=b, **grpo))
         add(f"policy_loss GSPO fp32 T={t}", policy(f32, t=t, b=b, **gspo))
+    add("policy_loss GMPO per-token adv fp32 T=8192",
+        policy(f32, t=8192, b=2, per_token_adv=True, objective=rlloss.GMPO(), aggregation="seq_mean_token_mean"))
 
     # clipped_surrogate: forward + backward of the per-token loss
     def surrogate(dt, t=T, grad=True, per_token_adv=False, old=True, **kw):
@@ -209,8 +215,20 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
             res.loss.backward()
         return run
 
+    def gmpo_weighted(dt, weights_dim):
+        def run():
+            logp, old_logp, adv, mask, ref_logp = compile_inputs(dt, B, T, per_token_adv=True)
+            w = torch.rand((B,) if weights_dim == 1 else (B, T)).to(dt)
+            res = rlloss.policy_loss(logp, old_logp, adv, mask, objective=rlloss.GMPO(), ref_logp=ref_logp, beta=0.04,
+                                     kl_bias_correction=True, token_weights=w, aggregation="seq_mean_token_mean",
+                                     backend="triton")
+            res.loss.backward()
+        return run
+
     add("policy_loss token weights [B,T], k3+, bias correction, token_sum fp32", modified(f32, 2))
     add("policy_loss token weights [B], k3+, bias correction, token_sum bf16", modified(torch.bfloat16, 1))
+    add("policy_loss GMPO token weights [B,T], per-token adv, bias correction fp32", gmpo_weighted(f32, 2))
+    add("policy_loss GMPO token weights [B], per-token adv, bias correction bf16", gmpo_weighted(torch.bfloat16, 1))
     for kind in ("abs", "k1+"):
         add(f"kl_estimate {kind} fp32", kl(f32, kind))
 

@@ -58,7 +58,8 @@ def all_false(x):
 
 
 # objective codes of the fused per-token kernel (compile-time switches, one binary each)
-OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO = (
+# (GMPO is per row: the policy-loss kernel runs it from its row statistics, not through objective_token)
+OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO, OBJ_VESPO, OBJ_GMPO = (
     OBJECTIVE_CODES[name] for name in FUSED_OBJECTIVES)
 PPO_, CISPO_, SAPO_, REINFORCE_, DPPO_TV_, DPPO_KL_, DRO_, VESPO_ = (
     tl.constexpr(code) for code in (OBJ_PPO, OBJ_CISPO, OBJ_SAPO, OBJ_REINFORCE, OBJ_DPPO_TV, OBJ_DPPO_KL, OBJ_DRO,
@@ -159,6 +160,26 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio, OBJ: t
         loss = -adv * weight * ok.to(tl.float32) * logp
         grad = -adv * weight * ok.to(tl.float32)
     return loss, grad, ratio, low_hit, high_hit, dual_hit
+
+
+@triton.jit
+def gmpo_log_ratio(d, adv, log_clip_low, log_clip_high, max_log_ratio):
+    """Mirror of ``GMPO.row_loss``'s per-token term: ``dm = s*min(s*dc, s*dl)`` and d dm / d d.
+
+    ``s = sign(A)``, ``dc`` the log-ratio clamped at ``max_log_ratio``, ``dl = clamp(dc, -low, high)``;
+    the gradient is torch's: 0 where the bound ``min`` selects binds, half each way on a tie, and 0
+    where ``A = 0`` (``s*s``).
+    """
+    dc = _clamp(d, -max_log_ratio, max_log_ratio)
+    passes_clamp = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
+    s = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+    dl = _clamp(dc, -log_clip_low, log_clip_high)
+    passes_clip = ((dc >= -log_clip_low) & (dc <= log_clip_high)).to(tl.float32)
+    a = s * dc
+    b = s * dl
+    w = tie_weight(a, b)
+    dm = s * tl.minimum(a, b, propagate_nan=NAN_ALL)
+    return dm, s * s * passes_clamp * (w + (1.0 - w) * passes_clip)
 
 
 @triton.jit

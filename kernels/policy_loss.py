@@ -2,8 +2,10 @@
 
 Launches (forward + backward), mirroring ``rlloss.loss._policy_loss_torch``:
 
-1. (GSPO only) ``_row_log_ratio_kernel``: per row chunk, the sum of ``logp - old_logp`` and the
-   token count, for the sequence ratio ``s_i``.
+1. (row-statistic objectives only: GSPO, VESPO, GMPO) ``_row_log_ratio_kernel``: per row chunk,
+   the sums a row's tokens share (``N_STATS``, below): the log-ratio sum (GSPO's ``d``, VESPO's
+   ``dc``, GMPO's clipped ``dm``), the token count, GMPO's advantage and log-weight sums, and the KL
+   sum that sequence-level ``kl_bias_correction`` needs for its gradient through the row mean.
 2. ``_policy_loss_fwd_kernel``: per row chunk, the per-token loss (surrogate + beta * k3), its
    gradient d l / d logp, stored for backward, and the chunk's partial sums: loss, token count,
    clip counts, ratio and KL sums (the metrics come from this same pass).
@@ -13,7 +15,7 @@ Launches (forward + backward), mirroring ``rlloss.loss._policy_loss_torch``:
 4. ``_scale_grad_kernel`` (backward): ``grad = grad_out * global_factor * row_factor[i] * g``.
 
 So backward reads one stored [B, T] buffer instead of the inputs, and token-level objectives take
-3 launches in all, GSPO 4.
+3 launches in all, row-statistic ones 4.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._common import (
     OBJ_PPO,
     as_bytes,
     block_t,
+    gmpo_log_ratio,
     grad_buffer_dtype,
     kl_token,
     objective_token,
@@ -44,6 +47,15 @@ N_METRICS = 7
 COMBINE_TILE = 1024
 # The combine is one program: 8 warps share its tile (4 warps made ptxas spill 8 bytes on sm_80).
 COMBINE_WARPS = 8
+# row statistics per chunk (the pre-pass), in this order: the log-ratio sum, the token count, and
+# GMPO's sums of A and of log(w + 1e-10) ([B, T] token weights), the KL sum (sequence-level bias
+# correction: d/d logp_t of sum_s kl_s * r_i has sum_s kl_s * r_i / n_i in every token of the row)
+N_STATS = 5
+D_SUM, N_SUM, ADV_SUM, LOGW_SUM, KL_SUM = range(N_STATS)
+# row_stat codes: 0 none, 1 GSPO (the row's mean log-ratio), 2 VESPO (its clamped sum), 3 GMPO
+ROW_GSPO, ROW_VESPO, ROW_GMPO = 1, 2, 3
+# the floor under a token weight before GMPO's geometric mean of [B, T] weights (verl)
+GMPO_WEIGHT_FLOOR = 1e-10
 
 
 @triton.jit
@@ -60,21 +72,48 @@ def _load_tokens(ptr, row, offs, stride_b, stride_t, in_row, valid):
 
 @triton.jit
 def _row_log_ratio_kernel(
-    logp_ptr, old_ptr, mask_ptr, stats_ptr,
+    logp_ptr, old_ptr, mask_ptr, adv_ptr, w_ptr, ref_ptr, stats_ptr,
     T, C, n_chunks_total,
-    s_lp_b, s_lp_t, s_old_b, s_old_t, s_m_b, s_m_t,
-    max_log_ratio, CLAMP: tl.constexpr, BLOCK_T: tl.constexpr,
+    s_lp_b, s_lp_t, s_old_b, s_old_t, s_m_b, s_m_t, s_adv_b, s_adv_t, s_w_b, s_w_t, s_ref_b, s_ref_t,
+    p0, p1, max_log_ratio, kl_clamp,
+    ROW_STAT: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, WEIGHTS: tl.constexpr, KL_SUM: tl.constexpr,
+    KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """The chunk's row statistics (``N_STATS``): what ROW_STAT needs, and the KL sum with KL_SUM."""
     pid = tl.program_id(0)
     row = pid // C
     offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = offs < T
     valid = (tl.load(mask_ptr + row * s_m_b + offs * s_m_t, mask=in_row, other=0) != 0) & in_row
-    d = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid) - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
-    if CLAMP:  # VESPO sums the clamped log-ratios
+    logp = _load_tokens(logp_ptr, row, offs, s_lp_b, s_lp_t, in_row, valid)
+    d = logp - _load_tokens(old_ptr, row, offs, s_old_b, s_old_t, in_row, valid)
+    if ROW_STAT == 2:  # VESPO sums the clamped log-ratios
         d = _clamp(d, -max_log_ratio, max_log_ratio)
-    tl.store(stats_ptr + pid, tl.sum(d, axis=0))
-    tl.store(stats_ptr + n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
+    if ROW_STAT == 3:  # GMPO: the clipped log-ratios, the advantages, the log token weights
+        if ADV_PER_TOKEN:
+            adv = _load_tokens(adv_ptr, row, offs, s_adv_b, s_adv_t, in_row, valid)
+        else:
+            adv = tl.where(valid, tl.load(adv_ptr + row * s_adv_b).to(tl.float32), 0.0)
+        d, _ = gmpo_log_ratio(d, adv, p0, p1, max_log_ratio)
+        tl.store(stats_ptr + ADV_SUM_ * n_chunks_total + pid, tl.sum(adv, axis=0))
+        if WEIGHTS == 2:
+            w = _load_tokens(w_ptr, row, offs, s_w_b, s_w_t, in_row, valid)
+            logw = tl.where(valid, tl.log(w + GMPO_WEIGHT_FLOOR_), 0.0)
+            tl.store(stats_ptr + LOGW_SUM_ * n_chunks_total + pid, tl.sum(logw, axis=0))
+    if KL_SUM:
+        ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, in_row, valid)
+        kl, _ = kl_token(logp, ref, kl_clamp, KL_KIND)
+        tl.store(stats_ptr + KL_SUM_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(stats_ptr + D_SUM_ * n_chunks_total + pid, tl.sum(tl.where(valid, d, 0.0), axis=0))
+    tl.store(stats_ptr + N_SUM_ * n_chunks_total + pid, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _row_sum(stats_ptr, which, row, C, n_chunks_total, BLOCK_C: tl.constexpr):
+    """A row's statistic: its chunks' partial sums added in chunk order (deterministic)."""
+    chunks = tl.arange(0, BLOCK_C)
+    return tl.sum(tl.load(stats_ptr + which * n_chunks_total + row * C + chunks, mask=chunks < C, other=0.0),
+                  axis=0)
 
 
 @triton.jit
@@ -90,8 +129,12 @@ def _policy_loss_fwd_kernel(
     WRITE_GRAD: tl.constexpr, WRITE_PARTIALS: tl.constexpr, WRITE_TOKEN_LOSS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, entropy_coef=0.0, HAS_ENTROPY: tl.constexpr = False,
 ):
-    """ROW_STAT 0: none; 1: GSPO, d is the row's mean log-ratio; 2: VESPO, the row's clamped sum.
-    WEIGHTS 0: none; 1: per row [B]; 2: per token [B, T]."""
+    """ROW_STAT 0: none; 1: GSPO, d is the row's mean log-ratio; 2: VESPO, the row's clamped sum;
+    3: GMPO, every valid token carries ``w_i * l_i`` (the combine's per-row mean gives it back) and
+    d l_i / d logp_t times n_i (the row factor 1/n_i of the combine finishes it).
+    WEIGHTS 0: none; 1: per row [B]; 2: per token [B, T] (GMPO: their geometric mean per row).
+    KL_BIAS 0: none; 1: the KL term times the token's exp(dc); 2: times the row's exp(clamp(mean d)),
+    the gradient through the row mean taking the row's KL sum from the pre-pass."""
     pid = tl.program_id(0)
     row = pid // C
     offs = (pid % C) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -110,35 +153,58 @@ def _policy_loss_fwd_kernel(
 
     d = logp - old
     lw = tl.zeros_like(d)
+    n_row = tl.zeros((), tl.float32)
     if ROW_STAT != 0:
-        chunks = tl.arange(0, BLOCK_C)
-        in_chunks = chunks < C
-        d_sum = tl.sum(tl.load(stats_ptr + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
+        d_sum = _row_sum(stats_ptr, D_SUM_, row, C, n_chunks_total, BLOCK_C)
+        n_row = _row_sum(stats_ptr, N_SUM_, row, C, n_chunks_total, BLOCK_C)
         if ROW_STAT == 1:  # GSPO: every token carries the row's mean log-ratio s_i
-            n_row = tl.sum(tl.load(stats_ptr + n_chunks_total + row * C + chunks, mask=in_chunks, other=0.0), axis=0)
             d = tl.where(valid, d_sum / tl.maximum(n_row, 1.0), 0.0)
-        else:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
+        elif ROW_STAT == 2:  # VESPO: lw = clamp(sum_t m * dc, log 1e-8, 20)
             lw = tl.zeros_like(d) + _clamp(d_sum, LOG_OF_FLOOR_, ROW_LOG_WEIGHT_MAX_)
 
-    loss, grad, ratio, low_hit, high_hit, dual_hit = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio,
-                                                               OBJ, DUAL_CLIP, DELTA, CLAMP_LOW, CLAMP_HIGH)
-    if WEIGHTS == 1:
-        w = tl.where(valid, tl.load(w_ptr + row * s_w_b).to(tl.float32), 0.0)
-        loss = loss * w
-        grad = grad * w
-    elif WEIGHTS == 2:
-        w = _load_tokens(w_ptr, row, offs, s_w_b, s_w_t, in_row, valid)
-        loss = loss * w
-        grad = grad * w
+    if ROW_STAT == 3:  # GMPO: l_i = -Abar_i * rho_i, rho_i = exp(sum_t m*dm / n_i), 0 for an empty row
+        inv_n = 1.0 / tl.maximum(n_row, 1.0)
+        rho = tl.exp(tl.where(n_row > 0, d_sum * inv_n, 0.0))
+        abar = _row_sum(stats_ptr, ADV_SUM_, row, C, n_chunks_total, BLOCK_C) * inv_n
+        row_w = 1.0
+        if WEIGHTS == 1:
+            row_w = tl.load(w_ptr + row * s_w_b).to(tl.float32)
+        elif WEIGHTS == 2:
+            row_w = tl.exp(_row_sum(stats_ptr, LOGW_SUM_, row, C, n_chunks_total, BLOCK_C) * inv_n)
+        _, ddm = gmpo_log_ratio(d, adv, p0, p1, max_log_ratio)
+        loss = tl.zeros_like(d) + tl.where(n_row > 0, -abar * rho * row_w, 0.0)
+        grad = -abar * rho * row_w * ddm
+        ratio = tl.zeros_like(d) + rho
+        low_hit = tl.zeros(d.shape, tl.int1)
+        high_hit = low_hit
+        dual_hit = low_hit
+    else:
+        loss, grad, ratio, low_hit, high_hit, dual_hit = objective_token(logp, old, d, adv, p0, p1, p2, p3, lw,
+                                                                         max_log_ratio, OBJ, DUAL_CLIP, DELTA,
+                                                                         CLAMP_LOW, CLAMP_HIGH)
+        if WEIGHTS == 1:
+            w = tl.where(valid, tl.load(w_ptr + row * s_w_b).to(tl.float32), 0.0)
+            loss = loss * w
+            grad = grad * w
+        elif WEIGHTS == 2:
+            w = _load_tokens(w_ptr, row, offs, s_w_b, s_w_t, in_row, valid)
+            loss = loss * w
+            grad = grad * w
     kl = tl.zeros_like(loss)
     if HAS_REF:
         ref = _load_tokens(ref_ptr, row, offs, s_ref_b, s_ref_t, in_row, valid)
         kl, dkl = kl_token(logp, ref, kl_clamp, KL_KIND)
-        if KL_BIAS:  # times exp(dc), not detached (token level)
+        if KL_BIAS == 1:  # times exp(dc), not detached (token level)
             raw = logp - old
             bias = tl.exp(_clamp(raw, -max_log_ratio, max_log_ratio))
             passes = ((raw >= -max_log_ratio) & (raw <= max_log_ratio)).to(tl.float32)
             dkl = dkl * bias + kl * bias * passes
+            kl = kl * bias
+        elif KL_BIAS == 2:  # times the row's exp(clamp(mean d)) (d is GSPO's row mean): through the row mean
+            bias = tl.exp(_clamp(d, -max_log_ratio, max_log_ratio))
+            passes = ((d >= -max_log_ratio) & (d <= max_log_ratio)).to(tl.float32)
+            kl_row = _row_sum(stats_ptr, KL_SUM_, row, C, n_chunks_total, BLOCK_C)
+            dkl = dkl * bias + kl_row * bias * passes / tl.maximum(n_row, 1.0)
             kl = kl * bias
         if ADD_KL:
             loss = loss + beta * kl
@@ -176,6 +242,12 @@ KL_: tl.constexpr = tl.constexpr(KL)
 ENTROPY_: tl.constexpr = tl.constexpr(ENTROPY)
 LOG_OF_FLOOR_: tl.constexpr = tl.constexpr(LOG_OF_FLOOR)
 ROW_LOG_WEIGHT_MAX_: tl.constexpr = tl.constexpr(ROW_LOG_WEIGHT_MAX)
+D_SUM_: tl.constexpr = tl.constexpr(D_SUM)
+N_SUM_: tl.constexpr = tl.constexpr(N_SUM)
+ADV_SUM_: tl.constexpr = tl.constexpr(ADV_SUM)
+LOGW_SUM_: tl.constexpr = tl.constexpr(LOGW_SUM)
+KL_SUM_: tl.constexpr = tl.constexpr(KL_SUM)
+GMPO_WEIGHT_FLOOR_: tl.constexpr = tl.constexpr(GMPO_WEIGHT_FLOOR)
 
 
 @triton.jit
@@ -316,7 +388,11 @@ def per_token_pass(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
-    """Launch the row-statistics (GSPO, VESPO) and per-token kernels. Returns (g, partials, token_loss, C)."""
+    """Launch the row-statistics (GSPO, VESPO, GMPO) and per-token kernels. Returns (g, partials, token_loss, C).
+
+    ``kl_bias_correction`` is at sequence level with GSPO's row statistic (``PPO(level="sequence")``,
+    as ``rlloss.loss.bias_correction_ratio``), else at token level.
+    """
     B, T = logp.shape
     bt = block_t(T)
     C = triton.cdiv(T, bt)
@@ -329,18 +405,24 @@ def per_token_pass(
     if n == 0:
         return g, partials, token_loss, C
     old = logp if old_logp is None else old_logp
-    stats = torch.empty((2, n), dtype=torch.float32, device=dev) if row_stat else None
-    if row_stat:
-        _row_log_ratio_kernel[(n,)](
-            logp, old, mask_u8, stats, T, C, n, *_strides(logp), *_strides(old), *_strides(mask_u8),
-            float(max_log_ratio), CLAMP=row_stat == 2, BLOCK_T=bt, num_warps=NUM_WARPS,
-        )
+    has_kl_bias = ref_logp is not None and kl_bias_correction
+    kl_bias = 0 if not has_kl_bias else 2 if row_stat == ROW_GSPO else 1
     per_token_adv = adv.dim() == 2
     adv_strides = _strides(adv) if per_token_adv else (adv.stride(0), 0)
     weights_mode = 0 if token_weights is None else token_weights.dim()
     w_strides = (0, 0) if token_weights is None else (
         _strides(token_weights) if weights_mode == 2 else (token_weights.stride(0), 0))
     dummy = logp  # pointer for arguments a constexpr switch leaves unread
+    stats = torch.empty((N_STATS, n), dtype=torch.float32, device=dev) if row_stat else None
+    if row_stat:
+        _row_log_ratio_kernel[(n,)](
+            logp, old, mask_u8, adv, dummy if token_weights is None else token_weights,
+            dummy if ref_logp is None else ref_logp, stats, T, C, n,
+            *_strides(logp), *_strides(old), *_strides(mask_u8), *adv_strides, *w_strides, *_strides(ref_logp),
+            float(params[0]), float(params[1]), float(max_log_ratio), KL_INPUT_CLAMP,
+            ROW_STAT=row_stat, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode, KL_SUM=kl_bias == 2,
+            KL_KIND=kl_kind, BLOCK_T=bt, num_warps=NUM_WARPS,
+        )
     _policy_loss_fwd_kernel[(n,)](
         logp, old, adv, mask_u8, dummy if ref_logp is None else ref_logp,
         dummy if token_weights is None else token_weights, stats if row_stat else dummy,
@@ -353,7 +435,7 @@ def per_token_pass(
         ROW_STAT=row_stat,
         HAS_OLD=old_logp is not None, ADV_PER_TOKEN=per_token_adv, WEIGHTS=weights_mode,
         HAS_REF=ref_logp is not None, ADD_KL=ref_logp is not None and beta != 0, KL_KIND=kl_kind,
-        KL_BIAS=ref_logp is not None and kl_bias_correction,
+        KL_BIAS=kl_bias,
         WRITE_GRAD=write_grad, WRITE_PARTIALS=write_partials, WRITE_TOKEN_LOSS=write_token_loss,
         BLOCK_T=bt, BLOCK_C=triton.next_power_of_2(C), entropy_coef=float(entropy_coef),
         HAS_ENTROPY=entropy is not None, num_warps=NUM_WARPS,

@@ -23,7 +23,7 @@ VESPO_MIN_LAM = 1e-4
 KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")
 # the objectives of the fused per-token kernel, in the order of its compile-time codes
-FUSED_OBJECTIVES = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "vespo")
+FUSED_OBJECTIVES = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "vespo", "gmpo")
 
 # kernel codes: a name's position in its tuple (KL kinds count from 1: 0 means "no KL term")
 KL_KIND_CODES = {name: i + 1 for i, name in enumerate(KL_KINDS)}

@@ -33,16 +33,18 @@ def fused_dtype(*tensors: torch.Tensor | None) -> bool:
     return not any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
-def fused_support(objective: Objective, kl_bias_correction: bool) -> str | None:
-    """None when the fused kernels run this configuration, else what they do not run (said in errors)."""
+def fused_support(objective: Objective, kl_bias_correction: bool, *, per_token: bool = False) -> str | None:
+    """None when the fused kernels run this configuration, else what they do not run (said in errors).
+
+    ``per_token``: the caller wants the objective's per-token loss (the ``*_surrogate`` functions);
+    GMPO has none (its loss is per row), while ``policy_loss`` runs it fused from its row statistics.
+    ``kl_bias_correction`` runs fused at both levels (at sequence level through the row mean).
+    """
     if isinstance(objective, (KLCov, ClipCov)):
         return (f"{type(objective).__name__}: it selects tokens across the whole batch (top-k or a seeded "
                 "random draw), which the reference does in PyTorch")
-    if isinstance(objective, GMPO):
-        return "GMPO: its per-row geometric mean has no fused kernel yet"
-    if kl_bias_correction and isinstance(objective, PPO) and objective.level == "sequence":
-        return ("kl_bias_correction at level='sequence': its gradient couples every token of a row through the "
-                "row mean")
+    if per_token and isinstance(objective, GMPO):
+        return "gmpo_surrogate: GMPO's loss is per row ([B]); policy_loss runs GMPO fused"
     return None
 
 
@@ -51,7 +53,8 @@ def objective_switches(objective: Objective) -> tuple[dict, tuple[str, ...]]:
 
     ``params`` by objective: PPO ``1-eps_low, 1+eps_high``, the dual clip, delta (the two flags say
     whether the last two are set); CISPO low, high (flags: set or not); SAPO tau_pos, tau_neg; DPPO
-    low, high, weight_cap; DRO beta; VESPO k_pos, lam_pos, k_neg, lam_neg.
+    low, high, weight_cap; DRO beta; VESPO k_pos, lam_pos, k_neg, lam_neg; GMPO log_clip_low,
+    log_clip_high. ``row_stat``: 1 GSPO, 2 VESPO, 3 GMPO (``kernels.policy_loss``'s row statistics).
     """
     def args(name, params=(), flags=(False, False), row_stat=0):
         params = [float(p) for p in params] + [0.0] * (4 - len(params))
@@ -78,6 +81,8 @@ def objective_switches(objective: Objective) -> tuple[dict, tuple[str, ...]]:
     if isinstance(objective, VESPO):
         return args("vespo", (objective.k_pos, max(objective.lam_pos, VESPO_MIN_LAM), objective.k_neg,
                               max(objective.lam_neg, VESPO_MIN_LAM)), row_stat=2), ()
+    if isinstance(objective, GMPO):
+        return args("gmpo", (objective.log_clip_low, objective.log_clip_high), row_stat=3), ()
     raise ValueError(f"no fused kernel for objective {type(objective).__name__}")
 
 

@@ -141,7 +141,7 @@ def _dispatch_surrogate(objective: Objective, logp, old_logp, adv, mask, max_log
     if resolve_backend(backend, logp, old_logp, adv, mask) == "triton":
         from ._fused import fused_dtype, fused_support, objective_surrogate_triton
 
-        reason = fused_support(objective, False)
+        reason = fused_support(objective, False, per_token=True)
         if reason is None and not fused_dtype(logp, old_logp, adv):
             return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
         if reason is None:

@@ -196,11 +196,26 @@ def test_from_logits_takes_every_objective_and_modifier(backend, objective):
     weights = torch.rand(3, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     kw = {"objective": objective, "token_weights": weights, "aggregation": "seq_mean_token_mean",
           "ref_logp": old, "beta": 0.04, "kl": "k3+"}
-    if objective == "gmpo" and backend == "triton":  # no fused GMPO: asked for explicitly, it says so
-        with pytest.raises(ValueError, match="GMPO"):
-            rlloss.policy_loss_from_logits(logits, ids, old, adv, mask, backend=backend, **kw)
-        backend = "auto"
     out = rlloss.policy_loss_from_logits(logits, ids, old, adv, mask, backend=backend, **kw)
     logp = rlloss.token_logprobs(logits, torch.where(mask, ids, 0), backend="torch")
     want = rlloss.policy_loss(logp, old, adv, mask, backend="torch", **kw)
     assert_close(out.loss, want.loss, torch.float32, scale=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", [rlloss.PPO(eps_low=3e-4, eps_high=4e-4, level="sequence"), rlloss.GMPO()])
+def test_from_logits_bias_correction_through_row_statistics(backend, objective):
+    """Sequence-level bias correction (GSPO) and GMPO with it, from logits: the loss and the logits'
+    gradient are those of ``policy_loss`` on the reference's log-probs."""
+    logits, ids, old, adv, mask = loss_inputs(3, 6, 40, torch.float32, seed=5)
+    kw = {"objective": objective, "aggregation": "seq_mean_token_mean", "ref_logp": old - 0.3, "beta": 0.5,
+          "kl_bias_correction": True}
+    x = logits.detach().requires_grad_(True)
+    out = rlloss.policy_loss_from_logits(x, ids, old, adv, mask, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    y = logits.detach().requires_grad_(True)
+    logp = rlloss.token_logprobs(y, torch.where(mask, ids, 0), backend="torch")
+    want = rlloss.policy_loss(logp, old, adv, mask, backend="torch", **kw)
+    (want_grad,) = torch.autograd.grad(want.loss, y)
+    assert_close(out.loss, want.loss, torch.float32, scale=1.0)
+    assert_close(grad, want_grad, torch.float32)

@@ -34,9 +34,9 @@ OBJECTIVES: dict[str, rlloss.objectives.Objective] = {
     "kl_cov": rlloss.KLCov(ratio=0.2),
     "clip_cov": rlloss.ClipCov(ratio=0.3, cov_low=-1.0, cov_high=5.0),
 }
-# Selections that span the whole call, and GMPO's row mean: the reference only (backend="triton"
-# raises for them, by design; "auto" runs the reference).
-REFERENCE_ONLY = {"gmpo", "kl_cov", "clip_cov"}
+# Selections that span the whole call: the reference only (backend="triton" raises for them, by
+# design; "auto" runs the reference).
+REFERENCE_ONLY = {"kl_cov", "clip_cov"}
 KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -85,12 +85,8 @@ def run(problem: LossProblem, objective, backend: str, mods: dict, weights, pois
         kw["max_tokens"] = 7
     if mods["use_ref"] or mods["beta"]:
         kw["ref_logp"] = spoil(problem.ref_logp)
-    try:
-        out = rlloss.policy_loss(leaf, spoil(problem.old_logp), spoil(problem.adv), keep, backend=backend, **kw)
-    except ValueError as e:  # a configuration the fused kernel does not run: "auto" takes the reference
-        if backend != "triton" or "does not run" not in str(e):
-            raise
-        out = rlloss.policy_loss(leaf, spoil(problem.old_logp), spoil(problem.adv), keep, backend="auto", **kw)
+    # every configuration of a fused objective runs fused (sequence-level bias correction and GMPO included)
+    out = rlloss.policy_loss(leaf, spoil(problem.old_logp), spoil(problem.adv), keep, backend=backend, **kw)
     (grad,) = torch.autograd.grad(out.loss, leaf)
     return out.loss.detach(), grad, out.metrics
 

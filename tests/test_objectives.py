@@ -111,9 +111,17 @@ def test_gmpo_policy_loss_with_row_weights(backend):
     p = make_problem(3, 6, torch.float32, seed=4, spread=0.1, mask_kind="random")
     weights = t([0.5, 1.0, 2.0])
     out = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, objective="gmpo", token_weights=weights,
-                             aggregation="seq_mean_token_mean", backend=backend if backend == "torch" else "auto")
+                             aggregation="seq_mean_token_mean", backend=backend)
     rows = rlloss.gmpo_surrogate(p.logp.detach(), p.old_logp, p.adv, p.mask)
     torch.testing.assert_close(out.loss, (weights * rows).sum() / 3)
+
+
+@needs_triton
+def test_gmpo_surrogate_on_triton_points_to_policy_loss():
+    """GMPO's loss is per row: the per-token surrogate op has nothing to return, policy_loss runs it fused."""
+    p = make_problem(2, 5, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="policy_loss runs GMPO fused"):
+        rlloss.gmpo_surrogate(p.logp, p.old_logp, p.adv, p.mask, backend="triton")
 
 
 def test_kl_cov_adds_the_penalty_to_the_largest_covariance_token():
@@ -214,19 +222,25 @@ def test_gradcheck_objectives(objective, kl):
 
 FUSED = [None, rlloss.PPO(delta=1.4, dual_clip=3.0, eps_high=0.28), rlloss.CISPO(), rlloss.CISPO(low=0.8, high=1.2),
          rlloss.SAPO(), rlloss.Reinforce(), rlloss.DPPO(), rlloss.DPPO(divergence="kl", low=0.1, high=0.3),
-         rlloss.DRO(beta=0.1), rlloss.VESPO(), rlloss.PPO(level="sequence", eps_low=3e-4, eps_high=4e-4)]
+         rlloss.DRO(beta=0.1), rlloss.VESPO(), rlloss.PPO(level="sequence", eps_low=3e-4, eps_high=4e-4),
+         rlloss.GMPO(), rlloss.GMPO(log_clip_low=0.05, log_clip_high=0.2)]
+
+
+def _per_row(objective) -> bool:
+    return isinstance(objective, rlloss.GMPO)
 
 
 @st.composite
 def modifiers(draw, problem: LossProblem) -> dict:
     b, t_ = problem.logp.shape
-    kw = {"objective": draw(st.sampled_from(FUSED)),
-          "aggregation": draw(st.sampled_from(["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum"])),
+    objective = draw(st.sampled_from(FUSED))
+    aggregations = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum"]
+    kw = {"objective": objective,
+          "aggregation": "seq_mean_token_mean" if _per_row(objective) else draw(st.sampled_from(aggregations)),
           "kl": draw(st.sampled_from(["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]))}
     if draw(st.booleans()):
         kw.update(ref_logp=problem.ref_logp, beta=0.04)
-        is_seq = isinstance(kw["objective"], rlloss.PPO) and kw["objective"].level == "sequence"
-        kw["kl_bias_correction"] = (not is_seq) and draw(st.booleans())
+        kw["kl_bias_correction"] = draw(st.booleans())  # at sequence level (GSPO) through the row mean
     weights = draw(st.sampled_from([None, "row", "token"]))
     if weights:
         gen = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
@@ -244,7 +258,32 @@ def _run(problem, backend, kw):
 @needs_triton
 @given(problem=loss_problems(max_t=1100), data=st.data())
 def test_fused_objectives_match_reference(problem, data):
-    kw = data.draw(modifiers(problem))
+    _assert_fused_matches_reference(problem, data.draw(modifiers(problem)))
+
+
+ROW_STATISTIC = [rlloss.GMPO(), rlloss.GMPO(log_clip_low=0.05, log_clip_high=0.2),
+                 rlloss.PPO(level="sequence", eps_low=3e-4, eps_high=4e-4)]
+
+
+@needs_triton
+@given(problem=loss_problems(max_t=1100), data=st.data())
+def test_row_statistic_objectives_match_reference_with_kl(problem, data):
+    """GMPO and GSPO with a KL term, bias-corrected or not (at sequence level for GSPO: its gradient
+    runs through the row mean), every draw: the pre-pass's row sums against the reference."""
+    b, t_ = problem.logp.shape
+    objective = data.draw(st.sampled_from(ROW_STATISTIC))
+    kw = {"objective": objective, "aggregation": "seq_mean_token_mean" if _per_row(objective) else
+          data.draw(st.sampled_from(["token_mean", "seq_mean_token_mean", "token_sum"])),
+          "kl": data.draw(st.sampled_from(["k1", "k2", "k3", "abs", "k3+"])), "ref_logp": problem.ref_logp,
+          "beta": data.draw(st.sampled_from([0.04, 1.0])), "kl_bias_correction": data.draw(st.booleans())}
+    weights = data.draw(st.sampled_from([None, "row", "token"]))
+    if weights:
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+        kw["token_weights"] = torch.rand((b,) if weights == "row" else (b, t_), generator=gen).to(DEVICE)
+    _assert_fused_matches_reference(problem, kw)
+
+
+def _assert_fused_matches_reference(problem, kw):
     ref, ref_grad = _run(problem, "torch", kw)
     got, grad = _run(problem, "triton", kw)
     scale = 10 * loss_magnitude(problem, {**kw, "objective": None}) + float(ref.loss.detach().abs()) + 1.0
@@ -269,20 +308,21 @@ def test_fused_objectives_match_reference(problem, data):
 def test_fused_objectives_are_deterministic():
     p = make_problem(3, 1500, torch.bfloat16, seed=2, adv_kind="token", spread=1.0)
     for objective in FUSED:
-        kw = {"objective": objective, "ref_logp": p.ref_logp, "beta": 0.04, "kl": "k3+",
-              "token_weights": torch.rand(3, 1500, generator=torch.Generator().manual_seed(0)).to(DEVICE)}
+        kw = {"objective": objective, "ref_logp": p.ref_logp, "beta": 0.04, "kl": "k3+", "kl_bias_correction": True,
+              "token_weights": torch.rand(3, 1500, generator=torch.Generator().manual_seed(0)).to(DEVICE),
+              "aggregation": "seq_mean_token_mean" if _per_row(objective) else "token_mean"}
         a, ga = _run(p, "triton", kw)
         b, gb = _run(p, "triton", kw)
         assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb), objective
+        assert all(torch.equal(a.metrics[k], b.metrics[k]) for k in a.metrics), objective
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("objective", FUSED[1:] + ["gmpo"])
+@pytest.mark.parametrize("objective", FUSED[1:])
 def test_microbatches_with_global_counts_sum_to_the_full_batch(backend, objective):
     p = make_problem(5, 40, torch.float32, seed=6, mask_kind="empty_rows", spread=0.3, adv_kind="token")
     agg = "seq_mean_token_mean"
     kw = {"objective": objective, "ref_logp": p.ref_logp, "beta": 0.04, "aggregation": agg}
-    backend = backend if objective != "gmpo" else "auto"
     full, full_grad = _run(p, backend, kw)
     leaf = p.fresh_logp()
     total = 0

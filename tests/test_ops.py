@@ -55,6 +55,15 @@ def policy_loss_cases():
                 logp, None, adv, mask, None, torch.ones(b, t, dtype=dtype), torch.tensor(7.0), None, sw["objective"],
                 False, False, [0.9997, 1.0004, 0.0, 0.0], 1, 0.0, KL_KIND_CODES["k3"], False, 20.0,
                 AGGREGATION_CODES["token_mean"], 1.0, -1.0, 4.0, 2, True)
+            adv_t = torch.randn(b, t, generator=torch.Generator().manual_seed(5)).to(dtype)
+            yield f"{name}-{b}x{t}-gmpo-weights", ops.policy_loss, (
+                logp, old, adv_t, mask, ref, torch.rand(b, t).to(dtype), None, None, OBJECTIVE_CODES["gmpo"], False,
+                False, [0.4, 0.4, 0.0, 0.0], 3, 0.04, KL_KIND_CODES["k3"], True, 20.0,
+                AGGREGATION_CODES["seq_mean_token_mean"], 1.0, -1.0, -1.0, 1, True)
+            yield f"{name}-{b}x{t}-gspo-seq-bias", ops.policy_loss, (
+                logp, old, adv, mask, ref, None, None, None, sw["objective"], False, False,
+                [0.9997, 1.0004, 0.0, 0.0], 1, 0.04, KL_KIND_CODES["k2"], True, 20.0,
+                AGGREGATION_CODES["seq_mean_token_mean"], 1.0, -1.0, -1.0, 1, True)
 
 
 def other_cases():

@@ -434,8 +434,8 @@ def test_policy_loss_matches_the_oracle(name, data):
 
 
 
-# The fused kernel runs these (GMPO, KL-Cov and Clip-Cov are the reference's alone).
-FUSED = [name for name in CASES if name not in ("gmpo", "kl_cov", "clip_cov")]
+# The fused kernel runs these (KL-Cov and Clip-Cov are the reference's alone).
+FUSED = [name for name in CASES if name not in ("kl_cov", "clip_cov")]
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
@@ -443,15 +443,17 @@ FUSED = [name for name in CASES if name not in ("gmpo", "kl_cov", "clip_cov")]
 @given(data=st.data())
 def test_fused_kernel_matches_the_oracle(name, data):
     """The kernel against the oracle, not against the reference: fp32 inputs (the oracle reads the
-    same rounded values in float64), ``token_sum`` so the loss is a plain sum. The loss is compared
+    same rounded values in float64), ``token_sum`` so the loss is a plain sum (GMPO, per row:
+    ``seq_mean_token_mean``, its only aggregation). The loss is compared
     relative to the sum of |terms|, each gradient element relative to |surrogate part| + |KL part|."""
     objective, _, _ = CASES[name]
     pb32 = data.draw(problems(name), label="problem")
     pb = Problem(*(x.float().double() if x.is_floating_point() else x
                    for x in (pb32.logp, pb32.old, pb32.ref, pb32.adv, pb32.mask)))
-    mods = {"aggregation": "token_sum", "beta": data.draw(st.sampled_from([0.0, 0.04]), label="beta"),
+    aggregation = "seq_mean_token_mean" if name == "gmpo" else "token_sum"
+    mods = {"aggregation": aggregation, "beta": data.draw(st.sampled_from([0.0, 0.04]), label="beta"),
             "kl": data.draw(st.sampled_from(["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]), label="kl"),
-            "kl_bias_correction": data.draw(st.booleans(), label="kl_bias_correction") and name != "gspo",
+            "kl_bias_correction": data.draw(st.booleans(), label="kl_bias_correction"),
             "num_tokens": None, "num_seqs": None, "max_tokens": 9, "dp_size": 1}
     expected, leaf, binds = run_oracle(name, pb, mods)
     assume(not binds.ambiguous)
@@ -465,7 +467,7 @@ def test_fused_kernel_matches_the_oracle(name, data):
     f32 = lambda x: x.float().to(DEVICE)  # noqa: E731
     x = f32(pb.logp).requires_grad_(True)
     out = rlloss.policy_loss(x, f32(pb.old), f32(pb.adv), pb.mask.to(DEVICE), objective=objective,
-                             ref_logp=f32(pb.ref), aggregation="token_sum", beta=mods["beta"], kl=mods["kl"],
+                             ref_logp=f32(pb.ref), aggregation=aggregation, beta=mods["beta"], kl=mods["kl"],
                              kl_bias_correction=mods["kl_bias_correction"], backend="triton")
     (grad,) = torch.autograd.grad(out.loss, x)
     what = f"{name} {mods} mask={pb.mask.tolist()}"

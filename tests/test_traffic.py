@@ -3,7 +3,8 @@
 The counts come from ``benchmarks/traffic.py``: aten ops through a ``TorchDispatchMode`` (the
 Triton wrapper's torch ops count too), Triton launches and their load/store bytes through Triton's
 interpreter. Bounds at a mid size (16 x 1024): token-level objectives at most 3 launches and 2x
-the minimum bytes, GSPO's sequence-level ratio at most 4 and 2.5x. The eager counts are printed
+the minimum bytes, the row-statistic objectives (GSPO's sequence-level ratio, GMPO's geometric mean)
+at most 4 and 2.5x. The eager counts are printed
 (``pytest -s``), not asserted.
 
 The Triton counts need the interpreter: on a CUDA machine run without ``TRITON_INTERPRET=1`` the
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import harness  # noqa: E402
 import traffic  # noqa: E402
-from rlloss.recipes import DAPO, DR_GRPO, GRPO, GSPO  # noqa: E402
+from rlloss.recipes import DAPO, DR_GRPO, GMPO_RECIPE, GRPO, GSPO  # noqa: E402
 from strategies import make_problem  # noqa: E402
 
 if harness.triton_version() is None:
@@ -36,7 +37,8 @@ needs_interpreter = pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON)
 
 B, T = 16, 1024  # the mid size of the benchmark issue
 # recipe -> (launches, bytes / minimum), forward + backward
-BOUNDS = {GRPO.name: (3, 2.0), DAPO.name: (3, 2.0), DR_GRPO.name: (3, 2.0), GSPO.name: (4, 2.5)}
+BOUNDS = {GRPO.name: (3, 2.0), DAPO.name: (3, 2.0), DR_GRPO.name: (3, 2.0), GSPO.name: (4, 2.5),
+          GMPO_RECIPE.name: (4, 2.5)}
 
 
 # --------------------------------------------------------------------------------- the counters
@@ -115,7 +117,7 @@ def counted(problem, recipe, backend: str) -> traffic.Counts:
 @needs_interpreter
 @pytest.mark.parametrize("mask_kind", ["full", "prefix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("recipe", [GRPO, DAPO, DR_GRPO, GSPO], ids=lambda r: r.name.replace(" ", ""))
+@pytest.mark.parametrize("recipe", [GRPO, DAPO, DR_GRPO, GSPO, GMPO_RECIPE], ids=lambda r: r.name.replace(" ", ""))
 def test_fused_policy_loss_launches_and_bytes(recipe, dtype, mask_kind):
     problem = make_problem(B, T, dtype, seed=0, mask_kind=mask_kind)
     floor = traffic.minimum_bytes(problem, recipe)
