@@ -163,7 +163,7 @@ def objective_token(logp, old, d, adv, p0, p1, p2, p3, lw, max_log_ratio, OBJ: t
 
 @triton.jit
 def kl_token(logp, ref, clamp, KIND: tl.constexpr):
-    """Mirror of ``kl.kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``).
+    """Mirror of ``kl._kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``).
 
     Kinds 5..7 ("k1+", "k3+", "abs+") take the value of kind - 4 and k2's gradient.
     """
@@ -191,7 +191,7 @@ def kl_token(logp, ref, clamp, KIND: tl.constexpr):
 
 @triton.jit
 def k3_token(logp, ref, clamp):
-    """Mirror of ``kl.kl_terms(kind="k3")``: the value and d k3 / d logp."""
+    """Mirror of ``kl._kl_terms(kind="k3")``: the value and d k3 / d logp."""
     x_raw = ref - logp
     x = _clamp(x_raw, -clamp, clamp)
     ex = tl.exp(x)

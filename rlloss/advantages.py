@@ -165,8 +165,8 @@ def group_advantages(
 # Each public function checks its arguments (values too, for the small per-sequence scores),
 # renumbers tensor group ids (``torch.unique``: a dynamic shape, so outside the reference), then
 # calls a ``_<name>_torch`` reference made of tensor operations only, which
-# ``torch.compile(fullgraph=True)`` traces whole. Outputs are fp32 (fp64 for fp64 inputs), ``[B, T]``, 0 at masked positions
-# (masked positions are selected out: NaN there never matters).
+# ``torch.compile(fullgraph=True)`` traces whole. Outputs are fp32 (fp64 for fp64 inputs),
+# ``[N, T]``, 0 at masked positions (masked positions are selected out: NaN there never matters).
 # =============================================================================================
 
 PASSK_SCALES = ("group", "none")

@@ -57,8 +57,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_oracles.py", "-k", "policy_loss_matches"),
            "the seq-mean modes divide by the local B, not num_seqs"),
     Mutant("row_mean_over_all_tokens", "rlloss/aggregation.py",
-           "row = safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))",
-           "row = safe_div(per_token.sum(-1), mask.sum().to(dtype))",
+           "row = _safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))",
+           "row = _safe_div(per_token.sum(-1), mask.sum().to(dtype))",
            ("tests/test_oracles.py", "-k", "policy_loss_matches"),
            "seq_mean_token_mean divides each row by the batch's token count"),
     # --- masking -------------------------------------------------------------------------------
