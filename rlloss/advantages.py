@@ -212,7 +212,7 @@ def _centered_scores(s: torch.Tensor, index: torch.Tensor, k: int, singleton: st
 
 
 def _reinforce_pp_baseline_torch(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torch.Tensor,
-                                     singleton: str) -> torch.Tensor:
+                                 singleton: str) -> torch.Tensor:
     s = scores.to(compute_dtype(scores))
     centered = _centered_scores(s, index, k, singleton)
     return _whiten_torch(centered[:, None].expand(mask.shape), mask)
@@ -247,7 +247,7 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, groups: torch.Tensor 
 
 
 def _opo_torch(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torch.Tensor,
-                   singleton: str) -> torch.Tensor:
+               singleton: str) -> torch.Tensor:
     s = scores.to(compute_dtype(scores))
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     n_tok = mask.sum(-1).to(s.dtype)
@@ -286,7 +286,7 @@ def opo_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
 
 
 def _gpg_torch(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torch.Tensor,
-                   singleton: str) -> torch.Tensor:
+               singleton: str) -> torch.Tensor:
     s = scores.to(compute_dtype(scores))
     nonzero = (s != 0).sum().to(s.dtype)
     alpha = s.shape[0] / nonzero.clamp(min=1)
@@ -322,7 +322,7 @@ def gpg_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
 
 
 def _passk_torch(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torch.Tensor, scale: str,
-                     eps: float) -> torch.Tensor:
+                 eps: float) -> torch.Tensor:
     s = scores.to(compute_dtype(scores))
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     _, _, std = _group_stats(s, index, k)
@@ -384,7 +384,7 @@ def passk_advantages(scores: torch.Tensor, groups: torch.Tensor | None = None,
 
 
 def _gdpo_torch(scores: torch.Tensor, index: torch.Tensor, k: int, mask: torch.Tensor,
-                    weights: torch.Tensor | None, eps: float, singleton: str) -> torch.Tensor:
+                weights: torch.Tensor | None, eps: float, singleton: str) -> torch.Tensor:
     s = scores.to(compute_dtype(scores))  # [K, N]
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     count = group_sum(torch.ones_like(s[0]), index, k)  # [k]

@@ -278,4 +278,4 @@ def optimal_token_baseline_advantages(
     index, k = group_index(groups, token_rewards.shape[0], token_rewards.device)
     group_size = groups if isinstance(groups, int) else None
     return _optimal_token_baseline_torch(token_rewards, mask, index, k, group_size, old_logp, sum_pi_squared,
-                                             is_weights, handle_zero_tail, singleton)
+                                         is_weights, handle_zero_tail, singleton)

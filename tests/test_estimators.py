@@ -505,7 +505,7 @@ def _compile_cases():
         ("gpg", A._gpg_torch, (scores, index, k, mask, "zero")),
         ("passk", A._passk_torch, (scores, index2, k2, mask, "group", 1e-6)),
         ("gdpo", A._gdpo_torch, (torch.stack([scores, scores.sin()]), index, k, mask, torch.tensor([1.0, 0.5]),
-                                     1e-6, "keep")),
+                                 1e-6, "keep")),
         ("optimal_token_baseline ids", R._optimal_token_baseline_torch,
          (r, mask, index, k, None, old, sq, sq + 0.5, True, "zero")),
         ("optimal_token_baseline contiguous", R._optimal_token_baseline_torch,
