@@ -184,7 +184,7 @@ def gmpo_log_ratio(d, adv, log_clip_low, log_clip_high, max_log_ratio):
 
 @triton.jit
 def kl_token(logp, ref, clamp, KIND: tl.constexpr):
-    """Mirror of ``kl.kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``).
+    """Mirror of ``kl._kl_terms``: the value and d value / d logp for kinds 1..7 (``KL_KIND_CODES``).
 
     Kinds 5..7 ("k1+", "k3+", "abs+") take the value of kind - 4 and k2's gradient.
     """
@@ -212,7 +212,7 @@ def kl_token(logp, ref, clamp, KIND: tl.constexpr):
 
 @triton.jit
 def k3_token(logp, ref, clamp):
-    """Mirror of ``kl.kl_terms(kind="k3")``: the value and d k3 / d logp."""
+    """Mirror of ``kl._kl_terms(kind="k3")``: the value and d k3 / d logp."""
     x_raw = ref - logp
     x = _clamp(x_raw, -clamp, clamp)
     ex = tl.exp(x)

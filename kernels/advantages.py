@@ -149,7 +149,7 @@ def _group_stats_kernel(
     x_ptr, perm_ptr, offsets_ptr, stats_ptr, K, G, stride_x,
     CONTIG: tl.constexpr, NEED_STD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Mirror of ``advantages.group_stats``: rows of ``stats`` [4, K] are count, sum, mean, std.
+    """Mirror of ``advantages._group_stats``: rows of ``stats`` [4, K] are count, sum, mean, std.
 
     Two passes over each segment, as the reference: the mean first, then the squared deviations
     from it (one-pass ``sum(x^2) - n*mean^2`` would cancel catastrophically for near-equal groups).

@@ -14,7 +14,7 @@ from ._common import ELEMENTWISE_BLOCK, NUM_WARPS, grad_buffer_dtype, kl_token
 @triton.jit
 def _kl_kernel(logp_ptr, ref_ptr, value_ptr, grad_ptr, n, clamp,
                KIND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Mirror of ``rlloss.kl.kl_terms``: the estimate and d estimate / d logp (``kl_token``)."""
+    """Mirror of ``rlloss.kl._kl_terms``: the estimate and d estimate / d logp (``kl_token``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
     logp = tl.load(logp_ptr + offs, mask=keep, other=0.0).to(tl.float32)

@@ -29,3 +29,6 @@ FUSED_OBJECTIVES = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "
 KL_KIND_CODES = {name: i + 1 for i, name in enumerate(KL_KINDS)}
 AGGREGATION_CODES = {name: i for i, name in enumerate(AGGREGATIONS)}
 OBJECTIVE_CODES = {name: i for i, name in enumerate(FUSED_OBJECTIVES)}
+
+# what a sample alone in its group gets, in the group estimators and the optimal token baseline
+SINGLETONS = ("zero", "keep")

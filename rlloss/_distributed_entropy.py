@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ._validate import compute_dtype
-from .corrections import _check_top_entropy, _masked_quantile, _top_entropy_mask_reference
+from .corrections import _check_top_entropy, _masked_quantile, _top_entropy_mask_torch
 
 __all__ = ["top_entropy_mask"]
 
@@ -48,7 +48,7 @@ def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, *, fraction: flo
     """
     mask = _check_top_entropy(entropy, mask, fraction)
     if not _dist_initialized():
-        return _top_entropy_mask_reference(entropy, mask, fraction)
+        return _top_entropy_mask_torch(entropy, mask, fraction)
     dist = torch.distributed
     world = dist.get_world_size(group)
     e = entropy.detach().to(compute_dtype(entropy))

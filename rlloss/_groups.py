@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,3 +17,14 @@ def group_index(groups: int | torch.Tensor, n: int, device: torch.device) -> tup
         return torch.arange(n, device=device) // groups, n // groups
     uniq, inverse = torch.unique(groups, return_inverse=True)
     return inverse, int(uniq.numel())
+
+
+def group_sum(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-group sum over the first dimension: ``[k, ...]``."""
+    return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add(0, index, x)
+
+
+def group_amax(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-group max of ``x`` ``[N]`` (``-inf`` for a group with no member)."""
+    init = torch.full((k,), -math.inf, dtype=x.dtype, device=x.device)
+    return init.scatter_reduce(0, index, x, reduce="amax", include_self=True)

@@ -226,3 +226,15 @@ def warn_if_empty(count: Number | torch.Tensor | None, message: str) -> None:
         count = count.item()
     if count == 0:
         warnings.warn(message, EmptyBatchWarning, stacklevel=_caller_stacklevel())
+
+
+def check_scores(name: str, scores: object, *, ndim: int = 1) -> torch.Tensor:
+    """Per-sequence scores: real, finite; integer or bool scores become fp32."""
+    check_tensor(name, scores, ndim=ndim)
+    if scores.is_complex():
+        raise TypeError(f"{name} must be real, got {scores.dtype}")
+    if not scores.dtype.is_floating_point:
+        return scores.to(torch.float32)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name} must be finite, got NaN or inf values")
+    return scores

@@ -10,7 +10,7 @@ from ._validate import check_count, check_float, check_mask, check_number, check
 
 
 
-def as_count(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _as_count(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A count or normaliser as a 0-d tensor of ``like``'s dtype and device.
 
     ``torch.full``, not ``torch.as_tensor``: under ``torch.compile(dynamic=True)`` a count taken
@@ -22,9 +22,9 @@ def as_count(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
-def safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
+def _safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 with zero gradient: an empty input is never NaN."""
-    den = as_count(den, num)
+    den = _as_count(den, num)
     ok = den > 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -40,7 +40,7 @@ def _masked_mean_torch(
         normalizer = count.to(dtype)
     elif isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.detach().to(dtype)
-    return safe_div(total, normalizer)
+    return _safe_div(total, normalizer)
 
 
 def masked_mean(
@@ -100,7 +100,7 @@ def masked_mean(
     return _masked_mean_torch(x, mask, dim, normalizer)
 
 
-def aggregate(
+def _aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
     aggregation: str,
@@ -116,23 +116,23 @@ def aggregate(
     """
     dtype = per_token.dtype
     n_seq = per_token.shape[0] if num_seqs is None else num_seqs
-    n_seq = as_count(n_seq, per_token)
+    n_seq = _as_count(n_seq, per_token)
     if aggregation == "token_mean":
         n_tok = mask.sum() if num_tokens is None else num_tokens
-        loss = safe_div(per_token.sum(), as_count(n_tok, per_token))
+        loss = _safe_div(per_token.sum(), _as_count(n_tok, per_token))
     elif aggregation == "seq_mean_token_mean":
-        row = safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))
-        loss = safe_div(row.sum(), n_seq)
+        row = _safe_div(per_token.sum(-1), mask.sum(-1).to(dtype))
+        loss = _safe_div(row.sum(), n_seq)
     elif aggregation == "seq_mean_token_sum":
-        loss = safe_div(per_token.sum(), n_seq)
+        loss = _safe_div(per_token.sum(), n_seq)
     elif aggregation == "constant":  # Dr. GRPO
-        loss = safe_div(per_token.sum(), n_seq * max_tokens)
+        loss = _safe_div(per_token.sum(), n_seq * max_tokens)
     else:  # token_sum (verl)
         loss = per_token.sum()
     return loss * dp_size
 
 
-def check_aggregation(
+def _check_aggregation(
     aggregation: str,
     *,
     max_tokens: object,

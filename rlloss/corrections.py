@@ -18,7 +18,7 @@ whose output goes to ``policy_loss`` through ``token_weights`` (weights) or ``ma
 
 All outputs are detached and computed in fp32 (fp64 for fp64 inputs). Masked positions are
 selected out, never multiplied by 0: NaN or inf there never reaches a result. Each public
-function checks its arguments, then calls a ``_..._reference`` function made of tensor
+function checks its arguments, then calls a ``_<name>_torch`` function made of tensor
 operations only (no data-dependent Python control flow, no host synchronisation), which
 ``torch.compile(fullgraph=True)`` traces whole (``tests/test_corrections.py`` checks it).
 """
@@ -59,7 +59,7 @@ def _check_bounds(low: object, high: object) -> None:
 # importance_weights
 
 
-def _importance_weights_reference(
+def _importance_weights_torch(
     old_logp: torch.Tensor,
     sampling_logp: torch.Tensor,
     mask: torch.Tensor,
@@ -169,14 +169,14 @@ def importance_weights(
     check_choice("mode", mode, IS_MODES)
     _check_bounds(low, high)
     _check_bool("normalize", normalize)
-    return _importance_weights_reference(old_logp, sampling_logp, mask, level, mode, low, high, normalize)
+    return _importance_weights_torch(old_logp, sampling_logp, mask, level, mode, low, high, normalize)
 
 
 # ---------------------------------------------------------------------------------------------
 # rejection_mask
 
 
-def _rejection_mask_reference(
+def _rejection_mask_torch(
     logp: torch.Tensor,
     rollout_logp: torch.Tensor,
     mask: torch.Tensor,
@@ -278,14 +278,14 @@ def rejection_mask(
     elif low is not None:
         raise ValueError(f"low is only for kind='k1' (a bound on the ratio); kind={kind!r} keeps stat <= high, "
                          f"got low={low!r}")
-    return _rejection_mask_reference(logp, rollout_logp, mask, kind, level, low, high)
+    return _rejection_mask_torch(logp, rollout_logp, mask, kind, level, low, high)
 
 
 # ---------------------------------------------------------------------------------------------
 # off_policy_mask
 
 
-def _off_policy_mask_reference(
+def _off_policy_mask_torch(
     logp: torch.Tensor,
     sampling_logp: torch.Tensor,
     adv: torch.Tensor,
@@ -339,7 +339,7 @@ def off_policy_mask(
         raise ValueError(f"adv must be [B]={[logp.shape[0]]} (one advantage per row of logp), got {list(adv.shape)}")
     check_same_device(logp=logp, sampling_logp=sampling_logp, adv=adv, mask=mask)
     check_number("threshold", threshold)
-    return _off_policy_mask_reference(logp, sampling_logp, adv, mask, threshold)
+    return _off_policy_mask_torch(logp, sampling_logp, adv, mask, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def _masked_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> tor
     return torch.where(has_nan, torch.full((), math.nan, dtype=values.dtype, device=values.device), out)
 
 
-def _top_entropy_mask_reference(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+def _top_entropy_mask_torch(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
     e = entropy.detach().to(compute_dtype(entropy))
     threshold = _masked_quantile(e, mask, 1.0 - fraction)
     return mask & (e >= threshold)
@@ -415,4 +415,4 @@ def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, *, fraction: flo
         bool tensor of ``entropy``'s shape: use ``mask & keep`` as the loss mask.
     """
     mask = _check_top_entropy(entropy, mask, fraction)
-    return _top_entropy_mask_reference(entropy, mask, fraction)
+    return _top_entropy_mask_torch(entropy, mask, fraction)

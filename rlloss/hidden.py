@@ -14,13 +14,13 @@ import torch
 
 from ._dispatch import resolve_backend
 from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor, compute_dtype
-from .logits import _token_logprobs_torch, with_entropy_bonus
+from .logits import _token_logprobs_torch, _with_entropy_bonus
 from .loss import PolicyLoss, policy_loss
 
 # --- validation ------------------------------------------------------------------------------------
 
 
-def check_hidden_inputs(hidden: object, weight: object, ids: object, bias: object, mask: object) -> torch.Tensor:
+def _check_hidden_inputs(hidden: object, weight: object, ids: object, bias: object, mask: object) -> torch.Tensor:
     """Shapes, dtypes and devices of the LM-head inputs; returns the bool mask (all True when None)."""
     check_float("hidden", hidden, ndim=(2, 3))
     check_float("weight", weight, ndim=2)
@@ -48,7 +48,7 @@ def check_hidden_inputs(hidden: object, weight: object, ids: object, bias: objec
     return valid
 
 
-def check_ids_in_vocab(ids: torch.Tensor, valid: torch.Tensor, vocab: int | torch.Tensor) -> None:
+def _check_ids_in_vocab(ids: torch.Tensor, valid: torch.Tensor, vocab: int | torch.Tensor) -> None:
     """Valid ids must index the (global) vocabulary; padding ids are never looked at.
 
     On CPU tensors in eager mode a ``ValueError`` (costs nothing); on CUDA, and while compiling, a
@@ -243,7 +243,7 @@ def linear_token_logprobs(
     Returns:
         ``logp`` fp32 (fp64 for fp64 inputs), shaped as ``ids``, or ``(logp, entropy)``.
     """
-    valid = check_hidden_inputs(hidden, weight, ids, bias, mask)
+    valid = _check_hidden_inputs(hidden, weight, ids, bias, mask)
     check_number("temperature", temperature, low=0, low_inclusive=False)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
@@ -255,7 +255,7 @@ def linear_token_logprobs(
         vocab_start, vocab = None, weight.shape[0]
     else:
         vocab_start, vocab = _shard_offsets(weight, group)
-    check_ids_in_vocab(ids1, valid1, vocab)
+    _check_ids_in_vocab(ids1, valid1, vocab)
     if chosen == "triton" and hidden.dtype != torch.float64:
         if group is None:
             from .kernels import ops
@@ -317,4 +317,4 @@ def policy_loss_from_hidden(
     logp, entropy = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature, mask=mask_b,
                                           return_entropy=True, group=group, backend=backend)
     out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
-    return with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)
+    return _with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)

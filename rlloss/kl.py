@@ -11,11 +11,11 @@ from ._validate import check_choice, check_float, check_same_device, check_same_
 BASE_KINDS = ("k1", "k2", "k3", "abs")
 
 
-def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+def _kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """The estimator on tensors already in the compute dtype (no checks, no casts)."""
     if kind.endswith("+"):  # straight-through: the base estimator's value, k2's gradient (verl)
-        k2 = kl_terms(logp, ref_logp, "k2")
-        return k2 - k2.detach() + kl_terms(logp, ref_logp, kind[:-1]).detach()
+        k2 = _kl_terms(logp, ref_logp, "k2")
+        return k2 - k2.detach() + _kl_terms(logp, ref_logp, kind[:-1]).detach()
     if kind == "k1":
         return logp - ref_logp
     if kind == "k2":
@@ -28,7 +28,7 @@ def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Ten
 
 def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     dtype = compute_dtype(logp, ref_logp)
-    return kl_terms(logp.to(dtype), ref_logp.detach().to(dtype), kind)
+    return _kl_terms(logp.to(dtype), ref_logp.detach().to(dtype), kind)
 
 
 def _check_pair(logp: object, ref_logp: object) -> None:

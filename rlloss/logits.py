@@ -9,15 +9,15 @@ import torch
 
 from ._dispatch import resolve_backend
 from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor
-from .aggregation import aggregate, safe_div
-from .loss import PolicyLoss, check_policy_loss_args, policy_loss
+from .aggregation import _aggregate, _safe_div
+from .loss import PolicyLoss, _check_policy_loss_args, policy_loss
 
 # policy_loss's keyword options and their defaults, read from its signature (one source)
 POLICY_LOSS_OPTIONS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
                        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
 
 
-def check_logits(logits: object, ids: object) -> None:
+def _check_logits(logits: object, ids: object) -> None:
     check_float("logits", logits, ndim=3)
     check_tensor("ids", ids, ndim=2)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
@@ -41,7 +41,7 @@ def _causal_hint(logits: torch.Tensor, ids: torch.Tensor) -> str:
             f"{ids.shape[1]} tokens of the input), or for the whole input logits[:, :-1] with ids = input_ids[:, 1:]")
 
 
-def check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
+def _check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
     """Token ids (at the positions ``where`` is True) must index the vocabulary.
 
     Eager on the CPU: a ``ValueError`` with the values found. On CUDA tensors and while compiling,
@@ -130,14 +130,14 @@ def token_logprobs(
         ValueError: ids out of ``[0, V)`` at a valid position (the message says to mask padding),
             shapes that do not match (with the causal-LM slice when the logits are longer).
     """
-    check_logits(logits, ids)
+    _check_logits(logits, ids)
     check_number("temperature", temperature, low=0, low_inclusive=False)
     mask_b = None
     if mask is not None:
         mask_b = check_mask("mask", mask, "ids", ids)
         check_same_device(logits=logits, mask=mask_b)
         ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never read as tokens
-    check_ids_in_range(ids, logits.shape[2])
+    _check_ids_in_range(ids, logits.shape[2])
     if resolve_backend(backend, logits, ids) == "triton" and logits.dtype != torch.float64:
         from ._fused import token_logprobs_triton
 
@@ -191,7 +191,7 @@ def policy_loss_from_logits(
     Returns:
         ``PolicyLoss(loss, metrics)`` as ``policy_loss``, with ``metrics["entropy_mean"]``.
     """
-    check_logits(logits, ids)
+    _check_logits(logits, ids)
     mask_b = check_mask("mask", mask, "ids", ids)
     check_number("temperature", temperature, low=0, low_inclusive=False)
     check_number("entropy_coef", entropy_coef, low=0)
@@ -208,12 +208,12 @@ def policy_loss_from_logits(
         from ._fused import fused_dtype, fused_support, policy_loss_from_logits_triton
 
         # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
-        args = check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
+        args = _check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
         if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
             return PolicyLoss(*policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef,
                                                               inplace_backward, *args[1:]))
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
-    check_ids_in_range(safe_ids, logits.shape[2])
+    _check_ids_in_range(safe_ids, logits.shape[2])
     if chosen == "triton" and logits.dtype != torch.float64:
         from ._fused import token_logprobs_triton
 
@@ -222,18 +222,18 @@ def policy_loss_from_logits(
         logp, entropy = _token_logprobs_torch(logits, safe_ids, temperature, True)
     # the user's backend, not the resolved one: "auto" lets the loss fall back for objectives without a kernel
     out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
-    return with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)
+    return _with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)
 
 
-def with_entropy_bonus(out: PolicyLoss, entropy: torch.Tensor, mask_b: torch.Tensor, entropy_coef: float,
-                       loss_options: dict[str, Any]) -> PolicyLoss:
+def _with_entropy_bonus(out: PolicyLoss, entropy: torch.Tensor, mask_b: torch.Tensor, entropy_coef: float,
+                        loss_options: dict[str, Any]) -> PolicyLoss:
     """``out`` minus ``entropy_coef`` times the entropy aggregated as the loss was, plus ``entropy_mean``."""
     ent = torch.where(mask_b, entropy, torch.zeros_like(entropy))
     metrics = dict(out.metrics)
-    metrics["entropy_mean"] = safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))
+    metrics["entropy_mean"] = _safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))
     loss = out.loss
     if entropy_coef != 0:
         counts = {k: loss_options.get(k) for k in ("max_tokens", "num_tokens", "num_seqs")}
-        loss = loss - entropy_coef * aggregate(ent, mask_b, loss_options.get("aggregation", "token_mean"),
-                                               dp_size=loss_options.get("dp_size", 1), **counts)
+        loss = loss - entropy_coef * _aggregate(ent, mask_b, loss_options.get("aggregation", "token_mean"),
+                                                dp_size=loss_options.get("dp_size", 1), **counts)
     return PolicyLoss(loss, metrics)

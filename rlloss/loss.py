@@ -9,10 +9,10 @@ import torch
 
 from ._dispatch import resolve_backend
 from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape, warn_if_empty
-from .aggregation import aggregate, as_count, check_aggregation, safe_div
-from .kl import KL_KINDS, kl_terms
-from .objectives import GMPO, PPO, Objective, resolve_objective
-from .surrogates import check_surrogate_args, prepare_inputs
+from .aggregation import _aggregate, _as_count, _check_aggregation, _safe_div
+from .kl import KL_KINDS, _kl_terms
+from .objectives import GMPO, PPO, Objective, _resolve_objective
+from .surrogates import _check_surrogate_args, _prepare_inputs
 
 EMPTY_CALL = ("policy_loss: no valid token in this call (mask is all False: did a filter such as DAPO's overlong "
               "filter or dynamic sampling drop every response?); the loss is 0 and nothing is trained on")
@@ -30,16 +30,16 @@ class PolicyLoss(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
-def masked_metric(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_metric(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Detached mean of ``x`` over the valid tokens of the call (0 when there are none)."""
     x = x.detach()
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     kept = torch.where(mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
-    return safe_div(kept.sum(), mask.sum().to(dtype))
+    return _safe_div(kept.sum(), mask.sum().to(dtype))
 
 
-def bias_correction_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, objective: Objective,
-                          max_log_ratio: float) -> torch.Tensor:
+def _bias_correction_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, objective: Objective,
+                           max_log_ratio: float) -> torch.Tensor:
     """The ratio the KL term is multiplied by with ``kl_bias_correction`` (not detached).
 
     Token level ``exp(dc)``; at ``level="sequence"`` the row's ``exp(clamp(sum_t m*d / max(n_i, 1)))``,
@@ -64,9 +64,9 @@ def _gmpo_loss_torch(objective: GMPO, lp, old, a, mask, kl, beta, weights, max_l
             row = row * torch.exp(logw)
     per_token_kl = torch.zeros_like(lp) if kl is None or beta == 0 else beta * kl
     per_token = torch.where(mask, per_token_kl, torch.zeros_like(lp))
-    kl_rows = safe_div(per_token.sum(-1), mask.sum(-1).to(lp.dtype))
-    n_seq = as_count(lp.shape[0] if num_seqs is None else num_seqs, lp)
-    return safe_div((row + kl_rows).sum(), n_seq) * dp_size, rho[:, None].expand_as(lp)
+    kl_rows = _safe_div(per_token.sum(-1), mask.sum(-1).to(lp.dtype))
+    n_seq = _as_count(lp.shape[0] if num_seqs is None else num_seqs, lp)
+    return _safe_div((row + kl_rows).sum(), n_seq) * dp_size, rho[:, None].expand_as(lp)
 
 
 def _policy_loss_torch(
@@ -87,7 +87,7 @@ def _policy_loss_torch(
     num_seqs: float | torch.Tensor | None,
     dp_size: int,
 ) -> PolicyLoss:
-    lp, old, a = prepare_inputs(logp, old_logp, adv, mask)
+    lp, old, a = _prepare_inputs(logp, old_logp, adv, mask)
     zero = torch.zeros_like(lp)
     weights = None
     if token_weights is not None:
@@ -96,31 +96,31 @@ def _policy_loss_torch(
     kl_value = None
     if ref_logp is not None:
         ref = torch.where(mask, ref_logp.detach().to(lp.dtype), zero)
-        kl_value = kl_terms(lp, ref, kl)
+        kl_value = _kl_terms(lp, ref, kl)
         if kl_bias_correction:
-            kl_value = kl_value * bias_correction_ratio(lp, old, mask, objective, max_log_ratio)
+            kl_value = kl_value * _bias_correction_ratio(lp, old, mask, objective, max_log_ratio)
     metrics: dict[str, torch.Tensor] = {}
     if isinstance(objective, GMPO):
         total, ratio = _gmpo_loss_torch(objective, lp, old, a, mask, kl_value, beta, weights, max_log_ratio,
                                         num_seqs, dp_size)
     else:
         loss, ratio, flags = objective.token_loss(lp, old, a, mask, max_log_ratio)
-        metrics.update({name: masked_metric(flag, mask) for name, flag in flags.items()})
+        metrics.update({name: _masked_metric(flag, mask) for name, flag in flags.items()})
         if weights is not None:
             loss = loss * weights
         if kl_value is not None and beta != 0:
             loss = loss + beta * kl_value
         per_token = torch.where(mask, loss, zero)
-        total = aggregate(per_token, mask, aggregation, max_tokens=max_tokens, num_tokens=num_tokens,
-                          num_seqs=num_seqs, dp_size=dp_size)
-    metrics["ratio_mean"] = masked_metric(ratio, mask)
+        total = _aggregate(per_token, mask, aggregation, max_tokens=max_tokens, num_tokens=num_tokens,
+                           num_seqs=num_seqs, dp_size=dp_size)
+    metrics["ratio_mean"] = _masked_metric(ratio, mask)
     if kl_value is not None:
-        metrics["kl_mean"] = masked_metric(kl_value, mask)
+        metrics["kl_mean"] = _masked_metric(kl_value, mask)
     metrics["num_tokens"] = mask.sum(dtype=torch.float32)
     return PolicyLoss(total, metrics)
 
 
-def resolve_policy_objective(objective: object, flat: dict[str, object]) -> Objective:
+def _resolve_policy_objective(objective: object, flat: dict[str, object]) -> Objective:
     """``objective=None``: PPO from the flat arguments; otherwise the flat ones must be left alone."""
     if objective is None:
         return PPO(**flat)  # type: ignore[arg-type]
@@ -128,10 +128,10 @@ def resolve_policy_objective(objective: object, flat: dict[str, object]) -> Obje
     if changed:
         raise TypeError(f"{changed[0]}={flat[changed[0]]!r} is a PPO argument; with objective={objective!r} "
                         f"set it on the objective (rlloss.PPO({changed[0]}=...)) instead")
-    return resolve_objective(objective)
+    return _resolve_objective(objective)
 
 
-def check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tensor | None:
+def _check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tensor | None:
     if token_weights is None:
         return None
     w = check_float("token_weights", token_weights)
@@ -145,30 +145,30 @@ def check_token_weights(token_weights: object, logp: torch.Tensor) -> torch.Tens
     return w
 
 
-def check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
-                           eps_low, eps_high, dual_clip, delta, level, max_log_ratio, aggregation, max_tokens,
-                           num_tokens, num_seqs, dp_size) -> tuple:
+def _check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction, token_weights,
+                            eps_low, eps_high, dual_clip, delta, level, max_log_ratio, aggregation, max_tokens,
+                            num_tokens, num_seqs, dp_size) -> tuple:
     """Validate ``policy_loss``'s arguments once: the reference's and the kernels' argument tuple
     ``(logp, old_logp, adv, mask (bool), objective, ref_logp, beta, kl, kl_bias_correction,
     token_weights, max_log_ratio, aggregation, max_tokens, num_tokens, num_seqs, dp_size)``."""
-    mask, _ = check_surrogate_args(
+    mask, _ = _check_surrogate_args(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
         max_log_ratio=max_log_ratio,
     )
-    obj = resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
-                                               "delta": delta, "level": level})
+    obj = _resolve_policy_objective(objective, {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip,
+                                                "delta": delta, "level": level})
     check_number("beta", beta, low=0)
     check_choice("kl", kl, KL_KINDS)
     if not isinstance(kl_bias_correction, bool):
         raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
-    token_weights = check_token_weights(token_weights, logp)
+    token_weights = _check_token_weights(token_weights, logp)
     if ref_logp is not None:
         check_float("ref_logp", ref_logp)
         check_same_shape("ref_logp", ref_logp, "logp", logp)
         check_same_device(logp=logp, ref_logp=ref_logp)
     elif beta != 0:
         raise ValueError(f"beta={beta} adds a KL penalty, which needs ref_logp; got ref_logp=None")
-    max_tokens, num_tokens, num_seqs = check_aggregation(
+    max_tokens, num_tokens, num_seqs = _check_aggregation(
         aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
         device=logp.device,
     )
@@ -280,9 +280,9 @@ def policy_loss(
         ``PolicyLoss(loss, metrics)``: a 0-d fp32 loss (fp64 for fp64 inputs) and a dict of 0-d
         detached fp32 metrics.
     """
-    args = check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction,
-                                  token_weights, eps_low, eps_high, dual_clip, delta, level, max_log_ratio,
-                                  aggregation, max_tokens, num_tokens, num_seqs, dp_size)
+    args = _check_policy_loss_args(logp, old_logp, adv, mask, objective, ref_logp, beta, kl, kl_bias_correction,
+                                   token_weights, eps_low, eps_high, dual_clip, delta, level, max_log_ratio,
+                                   aggregation, max_tokens, num_tokens, num_seqs, dp_size)
     obj, mask = args[4], args[3]
     chosen = resolve_backend(backend, logp, old_logp, adv, mask, ref_logp)
     if chosen == "triton":

@@ -390,7 +390,7 @@ NAMED = {**{name: cls() for name, cls in OBJECTIVES.items()},
          "dppo_tv": DPPO(divergence="tv"), "dppo_kl": DPPO(divergence="kl")}
 
 
-def resolve_objective(objective: object) -> Objective:
+def _resolve_objective(objective: object) -> Objective:
     """An objective object, or the name of one built with its defaults."""
     if isinstance(objective, Objective):
         return objective

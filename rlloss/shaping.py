@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
+from ._groups import group_index
 from ._validate import check_groups, check_number, check_tensor, check_values
-from .advantages import group_index
 
 
 def _dynamic_sampling_mask_torch(rewards: torch.Tensor, groups: int | torch.Tensor) -> torch.Tensor:

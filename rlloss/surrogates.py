@@ -20,7 +20,7 @@ from ._validate import (
 LEVELS = ("token", "sequence")
 
 
-def prepare_inputs(
+def _prepare_inputs(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
     adv: torch.Tensor,
@@ -40,7 +40,7 @@ def prepare_inputs(
     return lp, old, a
 
 
-def check_surrogate_args(
+def _check_surrogate_args(
     logp: object,
     old_logp: object,
     adv: object,
@@ -72,10 +72,10 @@ def check_surrogate_args(
     return mask, eps_high
 
 
-def objective_surrogate_torch(objective: Objective, logp: torch.Tensor, old_logp: torch.Tensor | None,
-                              adv: torch.Tensor, mask: torch.Tensor, max_log_ratio: float) -> torch.Tensor:
+def _objective_surrogate_torch(objective: Objective, logp: torch.Tensor, old_logp: torch.Tensor | None,
+                               adv: torch.Tensor, mask: torch.Tensor, max_log_ratio: float) -> torch.Tensor:
     """The objective's per-token loss, 0 where masked (per row ``[B]`` for GMPO)."""
-    lp, old, a = prepare_inputs(logp, old_logp, adv, mask)
+    lp, old, a = _prepare_inputs(logp, old_logp, adv, mask)
     if isinstance(objective, GMPO):
         return objective.row_loss(lp, old, a, mask, max_log_ratio)[0]
     loss, _, _ = objective.token_loss(lp, old, a, mask, max_log_ratio)
@@ -129,7 +129,7 @@ def clipped_surrogate(
     Returns:
         ``[B, T]`` per-token loss, 0 where masked, fp32 (fp64 for fp64 inputs).
     """
-    mask, eps_high = check_surrogate_args(
+    mask, eps_high = _check_surrogate_args(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level,
         max_log_ratio=max_log_ratio,
     )
@@ -143,17 +143,17 @@ def _dispatch_surrogate(objective: Objective, logp, old_logp, adv, mask, max_log
 
         reason = fused_support(objective, False, per_token=True)
         if reason is None and not fused_dtype(logp, old_logp, adv):
-            return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
+            return _objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
         if reason is None:
             return objective_surrogate_triton(objective, logp, old_logp, adv, mask, max_log_ratio)
         if backend == "triton":
             raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
-    return objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
+    return _objective_surrogate_torch(objective, logp, old_logp, adv, mask, max_log_ratio)
 
 
 def _checked(logp, old_logp, adv, mask, max_log_ratio) -> torch.Tensor:
-    mask, _ = check_surrogate_args(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None, dual_clip=None,
-                                   level="token", max_log_ratio=max_log_ratio)
+    mask, _ = _check_surrogate_args(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None, dual_clip=None,
+                                    level="token", max_log_ratio=max_log_ratio)
     return mask
 
 

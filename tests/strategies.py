@@ -158,7 +158,7 @@ def call_options(problem: LossProblem, opts: dict) -> dict:
 
 def loss_magnitude(problem: LossProblem, kw: dict) -> float:
     """``policy_loss`` taken over |per-token loss|: what a reordered sum's rounding is relative to."""
-    from rlloss.aggregation import aggregate
+    from rlloss.aggregation import _aggregate
 
     opts = {k: kw[k] for k in ("eps_low", "eps_high", "dual_clip", "level") if k in kw}
     with torch.no_grad():
@@ -168,5 +168,5 @@ def loss_magnitude(problem: LossProblem, kw: dict) -> float:
             per_token = per_token + kw["beta"] * torch.where(
                 problem.mask, rlloss.k3_kl(problem.logp, kw["ref_logp"], backend="torch"), 0.0)
         counts = {k: kw.get(k) for k in ("max_tokens", "num_tokens", "num_seqs")}
-        return float(aggregate(per_token, problem.mask, kw.get("aggregation", "token_mean"),
-                               dp_size=kw.get("dp_size", 1), **counts))
+        return float(_aggregate(per_token, problem.mask, kw.get("aggregation", "token_mean"),
+                                dp_size=kw.get("dp_size", 1), **counts))

@@ -1,4 +1,4 @@
-"""The advantage estimators beyond GRPO (``rlloss.advantages``): whiten, discounted returns,
+"""The advantage estimators beyond GRPO (``rlloss.advantages`` and ``rlloss.returns``): whiten, discounted returns,
 REINFORCE++ (and its baseline variant), ReMax, OPO, GPG, pass@k, GDPO, optimal token baseline.
 
 Hand-worked values (every expected number written out from the formula, never computed by the
@@ -21,6 +21,8 @@ import rlloss
 from strategies import MASK_KINDS, make_mask
 from helpers import DEVICE
 from rlloss import advantages as A
+from rlloss import returns as R
+from rlloss._groups import group_index
 
 NAN = math.nan
 F64 = torch.float64
@@ -491,22 +493,22 @@ def _compile_cases():
     old = -torch.rand(n, tlen, generator=gen)
     sq = torch.rand(n, tlen, generator=gen)
     g = torch.tensor([4, 9, 4, 9, 9, 2])  # group ids; 2 is a singleton
-    index, k = A.group_index(g, n, g.device)
-    index2, k2 = A.group_index(3, n, g.device)
+    index, k = group_index(g, n, g.device)
+    index2, k2 = group_index(3, n, g.device)
     return [
-        ("whiten", A._whiten_reference, (r, mask)),
-        ("discounted_returns gamma=1", A._discounted_returns_reference, (r, mask, 1.0)),
-        ("discounted_returns gamma=0.9", A._discounted_returns_reference, (r, mask, 0.9)),
-        ("reinforce_pp_baseline", A._reinforce_pp_baseline_reference, (scores, index, k, mask, "zero")),
-        ("remax", A._remax_reference, (r, mask, scores)),
-        ("opo", A._opo_reference, (scores, index, k, mask, "keep")),
-        ("gpg", A._gpg_reference, (scores, index, k, mask, "zero")),
-        ("passk", A._passk_reference, (scores, index2, k2, mask, "group", 1e-6)),
-        ("gdpo", A._gdpo_reference, (torch.stack([scores, scores.sin()]), index, k, mask, torch.tensor([1.0, 0.5]),
-                                     1e-6, "keep")),
-        ("optimal_token_baseline ids", A._optimal_token_baseline_reference,
+        ("whiten", R._whiten_torch, (r, mask)),
+        ("discounted_returns gamma=1", R._discounted_returns_torch, (r, mask, 1.0)),
+        ("discounted_returns gamma=0.9", R._discounted_returns_torch, (r, mask, 0.9)),
+        ("reinforce_pp_baseline", A._reinforce_pp_baseline_torch, (scores, index, k, mask, "zero")),
+        ("remax", R._remax_torch, (r, mask, scores)),
+        ("opo", A._opo_torch, (scores, index, k, mask, "keep")),
+        ("gpg", A._gpg_torch, (scores, index, k, mask, "zero")),
+        ("passk", A._passk_torch, (scores, index2, k2, mask, "group", 1e-6)),
+        ("gdpo", A._gdpo_torch, (torch.stack([scores, scores.sin()]), index, k, mask, torch.tensor([1.0, 0.5]),
+                                 1e-6, "keep")),
+        ("optimal_token_baseline ids", R._optimal_token_baseline_torch,
          (r, mask, index, k, None, old, sq, sq + 0.5, True, "zero")),
-        ("optimal_token_baseline contiguous", A._optimal_token_baseline_reference,
+        ("optimal_token_baseline contiguous", R._optimal_token_baseline_torch,
          (r, mask, index2, k2, 3, old, sq, None, True, "keep")),
     ]
 
@@ -547,14 +549,14 @@ def test_estimators_fuse_under_inductor():
     r = torch.randn(n, tlen, generator=gen)
     old = -torch.rand(n, tlen, generator=gen)
     sq = torch.rand(n, tlen, generator=gen)
-    index, k = A.group_index(4, n, scores.device)
+    index, k = group_index(4, n, scores.device)
 
     def step(scores, r, old, sq, mask):
-        return (A._reinforce_pp_baseline_reference(scores, index, k, mask, "zero"),
-                A._discounted_returns_reference(r, mask, 0.9),
-                A._opo_reference(scores, index, k, mask, "zero"),
-                A._passk_reference(scores, index, k, mask, "group", 1e-6),
-                A._optimal_token_baseline_reference(r, mask, index, k, 4, old, sq, None, True, "zero"))
+        return (A._reinforce_pp_baseline_torch(scores, index, k, mask, "zero"),
+                R._discounted_returns_torch(r, mask, 0.9),
+                A._opo_torch(scores, index, k, mask, "zero"),
+                A._passk_torch(scores, index, k, mask, "group", 1e-6),
+                R._optimal_token_baseline_torch(r, mask, index, k, 4, old, sq, None, True, "zero"))
 
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True)(scores, r, old, sq, mask)

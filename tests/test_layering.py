@@ -111,3 +111,32 @@ print(sorted(m for m in sys.modules if m.startswith("rlloss")))
     assert "rlloss.kernels.ops" in loaded
     public = sorted(m for m in loaded if m != "rlloss" and not m.startswith("rlloss.kernels") and m not in LEAVES)
     assert not public, f"importing rlloss.kernels.ops imported public modules {public}"
+
+
+def _public_modules() -> dict[str, Path]:
+    """The public modules of the package itself (``rlloss/*.py`` but ``_*``; the trainer integrations,
+    documented whole, are not among them)."""
+    return {name: path for name, path in _modules().items()
+            if name.count(".") == 1 and not name.startswith("rlloss.kernels") and not path.stem.startswith("_")}
+
+
+def test_every_all_is_sorted():
+    import rlloss
+
+    for name in ["rlloss", *sorted(_public_modules())]:
+        names = list(getattr(importlib.import_module(name), "__all__", []))
+        assert names == sorted(names), f"{name}.__all__ is not sorted"
+
+
+def test_public_modules_define_no_unexported_helper():
+    # A function or class of a public module without an underscore is API: rlloss (or the module)
+    # exports it. A helper that is not API carries an underscore or lives in a private module.
+    import rlloss
+
+    exported = set(rlloss.__all__)
+    for name, path in sorted(_public_modules().items()):
+        own = set(getattr(importlib.import_module(name), "__all__", []))
+        tree = ast.parse(path.read_text())
+        defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        stray = [d for d in defined if not d.startswith("_") and d not in exported | own]
+        assert not stray, f"{name} defines {stray}: export them or give them an underscore"
