@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import aligned_table  # noqa: E402
-from problems import loss_options, make_problem, rlloss_loss, trl_loss  # noqa: E402
+from problems import Problem, loss_options, make_problem, rlloss_loss, trl_loss  # noqa: E402
 
 METHOD = "counted (aten ops via TorchDispatchMode; Triton interpreter loads/stores)"
 
