@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor
+from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor, warn_if_empty
 from .aggregation import _aggregate, _safe_div
-from .loss import PolicyLoss, _check_policy_loss_args, policy_loss
+from .loss import EMPTY_STEP, PolicyLoss, _check_policy_loss_args, policy_loss
 
 # policy_loss's keyword options and their defaults, read from its signature (one source)
 POLICY_LOSS_OPTIONS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
@@ -210,6 +210,9 @@ def policy_loss_from_logits(
         # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
         args = _check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
         if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
+            num_tokens = loss_options.get("num_tokens")
+            if not isinstance(num_tokens, torch.Tensor):  # as policy_loss's fused path: only a host count warns
+                warn_if_empty(num_tokens, EMPTY_STEP)
             return PolicyLoss(*policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef,
                                                               inplace_backward, *args[1:]))
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
@@ -233,7 +236,9 @@ def _with_entropy_bonus(out: PolicyLoss, entropy: torch.Tensor, mask_b: torch.Te
     metrics["entropy_mean"] = _safe_div(ent.detach().sum(), mask_b.sum().to(ent.dtype))
     loss = out.loss
     if entropy_coef != 0:
+        # a one-element tensor count is 0-d inside policy_loss: the same here, or the loss turns [1]
         counts = {k: loss_options.get(k) for k in ("max_tokens", "num_tokens", "num_seqs")}
+        counts = {k: v.reshape(()) if isinstance(v, torch.Tensor) else v for k, v in counts.items()}
         loss = loss - entropy_coef * _aggregate(ent, mask_b, loss_options.get("aggregation", "token_mean"),
                                                 dp_size=loss_options.get("dp_size", 1), **counts)
     return PolicyLoss(loss, metrics)

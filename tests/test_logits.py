@@ -219,3 +219,20 @@ def test_from_logits_bias_correction_through_row_statistics(backend, objective):
     (want_grad,) = torch.autograd.grad(want.loss, y)
     assert_close(out.loss, want.loss, torch.float32, scale=1.0)
     assert_close(grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_element_count_gives_a_0d_loss_with_the_entropy_bonus(backend):
+    """policy_loss takes a count as a number or a one-element tensor; the entropy term must normalise
+    with it the same way, or the loss becomes [1] on one backend and 0-d on the other."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=gen).to(DEVICE).requires_grad_(True)
+    ids = torch.randint(0, 11, (2, 5), generator=gen).to(DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    adv = torch.randn(2, generator=gen).to(DEVICE)
+    as_tensor = rlloss.policy_loss_from_logits(logits, ids, None, adv, mask, entropy_coef=0.01,
+                                               num_tokens=torch.tensor([15.0], device=DEVICE), backend=backend).loss
+    as_number = rlloss.policy_loss_from_logits(logits, ids, None, adv, mask, entropy_coef=0.01, num_tokens=15,
+                                               backend=backend).loss
+    assert as_tensor.shape == torch.Size([])
+    assert_close(as_tensor, as_number, torch.float32)

@@ -334,6 +334,12 @@ def test_a_step_count_of_zero_given_as_a_number_warns_on_every_backend(backend):
     p = make_problem(4, 6, torch.float32, seed=2)
     caught = _record(lambda: rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask, num_tokens=0, backend=backend))
     assert len(caught) == 1 and "num_tokens=0" in str(caught[0].message)
+    # from logits too: the fused path runs the loss inside its own op, not through policy_loss
+    logits = torch.randn(4, 6, V, device=DEVICE)
+    ids = torch.randint(0, V, (4, 6), device=DEVICE)
+    caught = _record(lambda: rlloss.policy_loss_from_logits(logits, ids, p.old_logp, p.adv, p.mask, num_tokens=0,
+                                                            backend=backend))
+    assert len(caught) == 1 and "num_tokens=0" in str(caught[0].message)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="step_counts reads its total only on the host")
