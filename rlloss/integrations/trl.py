@@ -115,7 +115,7 @@ def trl_group_advantages(rewards: torch.Tensor, num_generations: int, scale: str
     return advantages
 
 
-def is_dtensor(tensor: torch.Tensor) -> bool:
+def _is_dtensor(tensor: torch.Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -349,7 +349,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             outputs = model(**call)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if is_dtensor(weight):  # FSDP2: the whole head (its gradient goes back to the shards), as TRL's head does
+        if _is_dtensor(weight):  # FSDP2: the whole head (its gradient goes back to the shards), as TRL's head does
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
         # position P - 1 + t scores completion token t
@@ -403,7 +403,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         metrics["entropy"].append(self._global_mean(torch.where(valid, entropies, 0.0).sum(), tokens))
         if self.rlloss_objective is not None:
             for name, value in sorted(result.metrics.items()):
-                if name != "kl_mean":
+                if name == "num_tokens":  # a count, summed over processes, not a per-token mean
+                    metrics["rlloss/num_tokens"].append(self.accelerator.reduce(value.float(), reduction="sum").item())
+                elif name != "kl_mean":
                     metrics[f"rlloss/{name}"].append(self._global_mean(value * tokens, tokens))
             return
         a = adv if adv.dim() == 2 else adv[:, None]
