@@ -42,7 +42,6 @@ from ._common import NUM_WARPS
 SEGMENT_TILE = 1024
 MIN_SEGMENT_BLOCK = 4
 ELEMENT_BLOCK = 1024
-SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
 
 
 # --- segments --------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ VESPO_MIN_LAM = 1e-4
 
 KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "token_sum")
+# group_advantages' scales, in the order of the advantage kernels' SCALE codes
+SCALES = ("group", "batch", "none")
 # the objectives of the fused per-token kernel, in the order of its compile-time codes
 FUSED_OBJECTIVES = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "vespo", "gmpo")
 
@@ -29,6 +31,7 @@ FUSED_OBJECTIVES = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "
 KL_KIND_CODES = {name: i + 1 for i, name in enumerate(KL_KINDS)}
 AGGREGATION_CODES = {name: i for i, name in enumerate(AGGREGATIONS)}
 OBJECTIVE_CODES = {name: i for i, name in enumerate(FUSED_OBJECTIVES)}
+SCALE_CODES = {name: i for i, name in enumerate(SCALES)}
 
 # what a sample alone in its group gets, in the group estimators and the optimal token baseline
 SINGLETONS = ("zero", "keep")

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ._constants import AGGREGATION_CODES, KL_KIND_CODES, OBJECTIVE_CODES, VESPO_MIN_LAM
+from ._constants import AGGREGATION_CODES, KL_KIND_CODES, OBJECTIVE_CODES, SCALE_CODES, VESPO_MIN_LAM
 from .objectives import CISPO, DPPO, DRO, GMPO, PPO, SAPO, VESPO, ClipCov, KLCov, Objective, Reinforce
 
-SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
 
 
 def ops():

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._constants import SINGLETONS
+from ._constants import SCALES, SINGLETONS
 from ._dispatch import resolve_backend
 from ._groups import group_amax, group_index, group_sum
 from ._validate import (
@@ -29,7 +29,6 @@ from ._validate import (
 from .returns import _whiten_torch
 
 BASELINES = ("mean", "loo")
-SCALES = ("group", "batch", "none")
 
 
 def _safe_sqrt(var: torch.Tensor) -> torch.Tensor:
