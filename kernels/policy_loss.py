@@ -463,8 +463,6 @@ def scale_grad(g: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, ro
     return out
 
 
-
-
 def policy_loss_forward(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
