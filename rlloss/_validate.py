@@ -238,3 +238,26 @@ def check_scores(name: str, scores: object, *, ndim: int = 1) -> torch.Tensor:
     if not bool(torch.isfinite(scores).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf values")
     return scores
+
+
+def check_ids_in_vocab(ids: torch.Tensor, vocab: int | torch.Tensor, *, where: torch.Tensor | None = None,
+                       of: str = "logits") -> None:
+    """Token ids (at the positions ``where`` is True) must index the vocabulary of ``of``.
+
+    Eager on the CPU: a ``ValueError`` with the values found and how to fix padding (it costs no
+    sync there). On an accelerator and while compiling, ``torch._assert_async``: a device-side
+    check, no host sync and no graph break; the error surfaces at the next sync. ``vocab`` may be a
+    0-d tensor (the global vocabulary of a vocabulary-parallel head).
+    """
+    ok = (ids >= 0) & (ids < vocab)
+    if where is not None:
+        ok = ok | ~where
+    if torch.compiler.is_compiling() or ids.device.type != "cpu":
+        torch._assert_async(ok.all(), f"rlloss: ids outside the vocabulary of {of} where they are read")
+        return
+    if not bool(ok.all()):
+        bad = ids[~ok]
+        raise ValueError(f"ids must be in [0, {int(vocab)}) (the vocabulary of {of}), got values in "
+                         f"[{int(bad.min())}, {int(bad.max())}]; padding ids (such as -100, the ignore index "
+                         "of Hugging Face labels) are never tokens: mask them out (mask= False there) so they are "
+                         "not read")

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor, compute_dtype
+from ._validate import (
+    check_float,
+    check_ids_in_vocab,
+    check_mask,
+    check_number,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+)
 from .logits import _token_logprobs_torch, _with_entropy_bonus
 from .loss import PolicyLoss, policy_loss
 
@@ -46,22 +54,6 @@ def _check_hidden_inputs(hidden: object, weight: object, ids: object, bias: obje
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else check_mask("mask", mask, "ids", ids)
     check_same_device(hidden=hidden, weight=weight, ids=ids, bias=bias, mask=mask)
     return valid
-
-
-def _check_ids_in_vocab(ids: torch.Tensor, valid: torch.Tensor, vocab: int | torch.Tensor) -> None:
-    """Valid ids must index the (global) vocabulary; padding ids are never looked at.
-
-    On CPU tensors in eager mode a ``ValueError`` (costs nothing); on CUDA, and while compiling, a
-    device-side assert (``torch._assert_async``): no host sync, the error surfaces at the next sync.
-    """
-    bad = valid & ((ids < 0) | (ids >= vocab))
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
-            wrong = ids[bad]
-            raise ValueError(f"ids must be in [0, {int(vocab)}) (the vocabulary of weight) where mask is True, "
-                             f"got values in [{int(wrong.min())}, {int(wrong.max())}]")
-    else:
-        torch._assert_async(~bad.any(), "rlloss: ids out of the vocabulary of weight where mask is True")
 
 
 # --- vocabulary parallelism ------------------------------------------------------------------------
@@ -255,7 +247,7 @@ def linear_token_logprobs(
         vocab_start, vocab = None, weight.shape[0]
     else:
         vocab_start, vocab = _shard_offsets(weight, group)
-    _check_ids_in_vocab(ids1, valid1, vocab)
+    check_ids_in_vocab(ids1, vocab, where=valid1, of="weight")
     if chosen == "triton" and hidden.dtype != torch.float64:
         if group is None:
             from .kernels import ops

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_float, check_mask, check_number, check_same_device, check_tensor, warn_if_empty
+from ._validate import (
+    check_float,
+    check_ids_in_vocab,
+    check_mask,
+    check_number,
+    check_same_device,
+    check_tensor,
+    warn_if_empty,
+)
 from .aggregation import _aggregate, _safe_div
 from .loss import EMPTY_STEP, PolicyLoss, _check_policy_loss_args, policy_loss
 
@@ -39,27 +47,6 @@ def _causal_hint(logits: torch.Tensor, ids: torch.Tensor) -> str:
             f"over prompt + completion, and their position t scores token t+1: for the completion ids of a prompt "
             f"of length P take logits[:, P-1:-1] (here logits[:, {extra - 1}:-1] if ids are the last "
             f"{ids.shape[1]} tokens of the input), or for the whole input logits[:, :-1] with ids = input_ids[:, 1:]")
-
-
-def _check_ids_in_range(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
-    """Token ids (at the positions ``where`` is True) must index the vocabulary.
-
-    Eager on the CPU: a ``ValueError`` with the values found. On CUDA tensors and while compiling,
-    ``torch._assert_async``: a device-side check, no host sync and no graph break. (The Triton
-    path checks in its kernel instead: see ``token_logprobs``.)
-    """
-    ok = (ids >= 0) & (ids < vocab)
-    if where is not None:
-        ok = ok | ~where
-    if torch.compiler.is_compiling() or ids.is_cuda:
-        torch._assert_async(ok.all(), f"ids must be in [0, {vocab}) (the vocabulary of logits) where they are read")
-        return
-    if not bool(ok.all()):
-        bad = ids[~ok]
-        raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
-                         f"[{int(bad.min())}, {int(bad.max())}]; padding ids (such as -100, the ignore index "
-                         "of Hugging Face labels) are never tokens: mask them out (mask= False there) so they are "
-                         "not read")
 
 
 def _token_logprobs_torch(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
@@ -137,7 +124,7 @@ def token_logprobs(
         mask_b = check_mask("mask", mask, "ids", ids)
         check_same_device(logits=logits, mask=mask_b)
         ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never read as tokens
-    _check_ids_in_range(ids, logits.shape[2])
+    check_ids_in_vocab(ids, logits.shape[2])
     if resolve_backend(backend, logits, ids) == "triton" and logits.dtype != torch.float64:
         from ._fused import token_logprobs_triton
 
@@ -216,7 +203,7 @@ def policy_loss_from_logits(
             return PolicyLoss(*policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef,
                                                               inplace_backward, *args[1:]))
     safe_ids = torch.where(mask_b, ids, torch.zeros_like(ids))  # padding ids are never tokens
-    _check_ids_in_range(safe_ids, logits.shape[2])
+    check_ids_in_vocab(safe_ids, logits.shape[2])
     if chosen == "triton" and logits.dtype != torch.float64:
         from ._fused import token_logprobs_triton
 
