@@ -45,13 +45,14 @@ import triton.language as tl
 # (d weight) grow: long, thin tiles there. fp32 products ("ieee") are FFMAs from registers, so fp32
 # takes small tiles, or it spills (benchmarks/gpu_compile.py checks every configuration).
 BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
-    "16bit": {"fwd": (64, 128, 64, 8), "dh": (32, 256, 64, 8), "dw": (256, 32, 64, 8)},
-    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
+    "16bit": {"fwd": (64, 128, 64, 8), "fwd_dh": (32, 256, 64, 8), "dh": (32, 256, 64, 8), "dw": (256, 32, 64, 8)},
+    "fp32": {"fwd": (32, 32, 32, 4), "fwd_dh": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
 }
 
 
 def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw"``) for ``dtype`` inputs."""
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "fwd_dh" | "dh" | "dw"``) for ``dtype``
+    inputs; ``fwd_dh`` is the forward that also forms ``d logp / d hidden``."""
     return BLOCKS["fp32" if dtype == torch.float32 else "16bit"][kernel]
 
 
@@ -90,11 +91,48 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh,
 
 
 @triton.jit
+def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
+                           INTERPRETER_BF16: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``acc[rows] = scale * acc[rows] + x @ weight[cols]`` in the fp32 ``[N, H]`` accumulator, ``BLOCK_H``
+    columns at a time: this program owns these rows (read, add, write; no atomics)."""
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        hk_ok = hk < H
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
+                    other=0.0)
+        if INTERPRETER_BF16:
+            w = w.to(tl.float32)
+        at = acc_ptr + rows[:, None] * H + hk[None, :]
+        keep = tok_ok[:, None] & hk_ok[None, :]
+        acc = tl.load(at, mask=keep, other=0.0) * scale[:, None]
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+        tl.store(at, acc, mask=keep)
+
+
+@triton.jit
+def _finish_logp_hidden_grad(dh_ptr, w_ptr, local, rows, tok_ok, s, sx, H, s_wv, s_wh, temperature,
+                             BLOCK_H: tl.constexpr):
+    """``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T`` in place of the sum.
+
+    ``1 - p_id = sx / s``: the other tokens' mass, summed directly, never ``1 - p`` rounded near 1.
+    """
+    one_minus_p = sx / s
+    local = tl.where(tok_ok, local, 0)  # never an address from a padding id, even masked
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        keep = tok_ok[:, None] & (hk < H)[None, :]
+        at = dh_ptr + rows[:, None] * H + hk[None, :]
+        w_id = tl.load(w_ptr + local[:, None] * s_wv + hk[None, :] * s_wh, mask=keep, other=0.0).to(tl.float32)
+        rest = tl.load(at, mask=keep, other=0.0)
+        tl.store(at, (one_minus_p[:, None] * w_id - rest / s[:, None]) / temperature, mask=keep)
+
+
+@triton.jit
 def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    m_ptr, s_ptr, u_ptr, zt_ptr,
+    m_ptr, s_ptr, u_ptr, zt_ptr, dh_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HIDDEN_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -106,6 +144,7 @@ def _linear_fwd_kernel(
         s = tl.zeros((BLOCK_N,), tl.float32)
         u = tl.zeros((BLOCK_N,), tl.float32)
         zt = tl.zeros((BLOCK_N,), tl.float32)
+        sx = tl.zeros((BLOCK_N,), tl.float32)  # HIDDEN_GRAD: sum of exp(z - m) over the other tokens
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
@@ -121,6 +160,15 @@ def _linear_fwd_kernel(
             u = alpha * (u + shift) + tl.sum(tl.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1)
             s = s * alpha + tl.sum(e, axis=1)
             m = m_new
+            if HIDDEN_GRAD:  # sum over v != id of exp(z - m) weight[v], rescaled with s: P @ W of flash attention
+                ex = tl.where(is_target, 0.0, e)
+                sx = sx * alpha + tl.sum(ex, axis=1)
+                if not INTERPRETER_BF16:
+                    ex = ex.to(w_ptr.dtype.element_ty)
+                _add_rows_times_weight(dh_ptr, w_ptr, ex, alpha, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
+                                       INTERPRETER_BF16, BLOCK_H)
+        if HIDDEN_GRAD:
+            _finish_logp_hidden_grad(dh_ptr, w_ptr, local, rows, tok_ok, s, sx, H, s_wv, s_wh, temperature, BLOCK_H)
         tl.store(m_ptr + rows, m, mask=tok_ok)
         tl.store(s_ptr + rows, s, mask=tok_ok)
         tl.store(u_ptr + rows, u, mask=tok_ok)
@@ -179,18 +227,8 @@ def _linear_dh_kernel(
             dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
             if not INTERPRETER_BF16:
                 dl = dl.to(w_ptr.dtype.element_ty)
-            for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d hidden: read, add, write
-                hk = h0 + tl.arange(0, BLOCK_H)
-                hk_ok = hk < H
-                w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
-                            other=0.0)
-                if INTERPRETER_BF16:
-                    w = w.to(tl.float32)
-                at = dh_ptr + rows[:, None] * H + hk[None, :]
-                keep = tok_ok[:, None] & hk_ok[None, :]
-                acc = tl.load(at, mask=keep, other=0.0)
-                acc = tl.dot(dl, w, acc, input_precision="ieee")
-                tl.store(at, acc, mask=keep)
+            _add_rows_times_weight(dh_ptr, w_ptr, dl, tl.full((BLOCK_N,), 1.0, tl.float32), rows, tok_ok, cols, col_ok,
+                                   H, s_wv, s_wh, INTERPRETER_BF16, BLOCK_H)
 
 
 @triton.jit
@@ -249,12 +287,16 @@ def _launch_args(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) 
 
 
 def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 valid: torch.Tensor, vocab_start: torch.Tensor, temperature: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``(m, s, u, zt)`` over this weight shard, fp32 ``[N]``; ``(0, 1, 0, 0)`` where not valid.
+                 valid: torch.Tensor, vocab_start: torch.Tensor, temperature: float, hidden_grad: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(m, s, u, zt, dlogp_dh)`` over this weight shard: ``m, s, u, zt`` fp32 ``[N]``,
+    ``(0, 1, 0, 0)`` where not valid.
 
     ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` (any strides), ``ids`` ``[N]`` global ids,
     ``valid`` bool ``[N]``, ``vocab_start`` int64 ``[1]``. ``zt`` is 0 where the id is outside the shard.
+    ``dlogp_dh``: with ``hidden_grad`` (an unsharded head), ``d logp / d hidden`` fp32 ``[N, H]`` (0
+    where not valid), formed in the same pass (one more matmul, ``P @ W``); backward then scales its
+    rows by the upstream gradient instead of recomputing the logits for ``d hidden``. Else ``[0]``.
     """
     N = hidden.shape[0]
     dev = hidden.device
@@ -262,49 +304,60 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     s = torch.ones(N, dtype=torch.float32, device=dev)
     u = torch.zeros(N, dtype=torch.float32, device=dev)
     zt = torch.zeros(N, dtype=torch.float32, device=dev)
+    dh = torch.zeros(hidden.shape if hidden_grad else (0,), dtype=torch.float32, device=dev)
     if N:
         order, count = pack_valid(valid)
-        bn, bv, bh, warps = blocks(hidden.dtype, "fwd")
+        bn, bv, bh, warps = blocks(hidden.dtype, "fwd_dh" if hidden_grad else "fwd")
         _linear_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
-            *_launch_args(hidden, weight, ids), float(temperature),
-            HAS_BIAS=bias is not None, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
+            dh if hidden_grad else m, *_launch_args(hidden, weight, ids), float(temperature),
+            HAS_BIAS=bias is not None, HIDDEN_GRAD=hidden_grad, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
         )
-    return m, s, u, zt
+    return m, s, u, zt, dh
 
 
 def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  valid: torch.Tensor, vocab_start: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
                  entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float,
-                 hidden_grad_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 hidden_grad_fp32: bool = False, dlogp_dh: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(d hidden, d weight, d bias or None)`` in the inputs' dtypes, from the global max ``m``,
     ``log_s`` (``lse = m + log_s``) and ``entropy`` ``[N]``; ``d hidden`` stays fp32 with
     ``hidden_grad_fp32`` (a vocabulary-parallel caller sums the shards before its one rounding).
 
     ``d hidden`` is this shard's contribution (a vocabulary-parallel caller sums it over ranks).
+    With ``dlogp_dh`` (``linear_stats(hidden_grad=True)``), the log-prob's part of ``d hidden`` is
+    ``g_logp * dlogp_dh`` and only an entropy gradient recomputes the logits for ``d hidden``.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
+    valid_g = torch.where(valid, g_logp, torch.zeros((), dtype=g_logp.dtype, device=dev)).float()
+    if dlogp_dh is not None:
+        dh = valid_g[:, None] * dlogp_dh
+    else:
+        dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
     dw = torch.zeros((V, H), dtype=torch.float32, device=dev)
     db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     if N:
         order, count = pack_valid(valid)
         has_ent = g_entropy is not None
-        g_logp = g_logp.contiguous()
-        g_ent = g_entropy.contiguous() if has_ent else g_logp
+        g_ent = g_entropy.contiguous() if has_ent else valid_g
         common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
-                  m.contiguous(), log_s.contiguous(), entropy.contiguous(), g_logp, g_ent)
-        flags = dict(HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
+                  m.contiguous(), log_s.contiguous(), entropy.contiguous())
+        flags = dict(HAS_BIAS=bias is not None, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
         args = (*_launch_args(hidden, weight, ids), float(temperature))
-        bn, bv, bh, warps = blocks(hidden.dtype, "dh")
-        _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, dh, *args, **flags, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                                                 num_warps=warps)
+        if dlogp_dh is None or has_ent:
+            # d hidden from recomputed logits: all of it, or (after the forward's log-prob part) the entropy's
+            g_dh = valid_g if dlogp_dh is None else torch.zeros_like(valid_g)
+            bn, bv, bh, warps = blocks(hidden.dtype, "dh")
+            _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, g_dh, g_ent, dh, *args, **flags, HAS_ENT_GRAD=has_ent,
+                                                     BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
         bn, bv, bh, warps = blocks(hidden.dtype, "dw")
-        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, dw, db if db is not None else dw, *args, **flags,
-                                                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
+        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, valid_g, g_ent, dw, db if db is not None else dw, *args,
+                                                 **flags, HAS_ENT_GRAD=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+                                                 num_warps=warps)
     return (dh if hidden_grad_fp32 else dh.to(hidden.dtype), dw.to(weight.dtype),
             db.to(bias.dtype) if bias is not None else None)
 

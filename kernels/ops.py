@@ -479,7 +479,7 @@ register_autograd("rlloss::policy_loss_from_logits", _from_logits_grad, setup_co
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
                  vocab_start: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token ``(m, s, u, zt)`` over one weight shard (see ``linear_logprobs.linear_stats``)."""
-    return _linear.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
+    return _linear.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)[:4]
 
 
 @linear_stats.register_fake
@@ -491,17 +491,18 @@ def _(hidden, weight, bias, ids, valid, vocab_start, temperature):
 @custom_op("rlloss::linear_grads", mutates_args=())
 def linear_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor, vocab_start: Tensor,
                  m: Tensor, log_s: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
-                 temperature: float, hidden_grad_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                 temperature: float, hidden_grad_fp32: bool = False, dlogp_dh: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d hidden, d weight, d bias)``; ``d bias`` is an empty tensor without a bias; ``d hidden`` fp32
-    with ``hidden_grad_fp32``."""
+    with ``hidden_grad_fp32``; ``dlogp_dh`` the forward's ``d logp / d hidden`` or None."""
     dh, dw, db = _linear.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp,
-                                g_entropy, temperature, hidden_grad_fp32)
+                                      g_entropy, temperature, hidden_grad_fp32, dlogp_dh)
     return dh, dw, db if db is not None else weight.new_empty(0)
 
 
 @linear_grads.register_fake
 def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature,
-      hidden_grad_fp32=False):
+      hidden_grad_fp32=False, dlogp_dh=None):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
     dh = hidden.new_empty(hidden.shape, dtype=torch.float32 if hidden_grad_fp32 else hidden.dtype)
     return dh, torch.empty_like(weight, memory_format=torch.contiguous_format), db
@@ -509,36 +510,42 @@ def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, 
 
 @custom_op("rlloss::linear_token_logprobs", mutates_args=())
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
-                          temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logp, entropy, m, log_s)`` fp32 ``[N]`` of an unsharded LM head (``lse = m + log_s``); 0 where not ``valid``."""
+                          temperature: float, hidden_grad: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, entropy, m, log_s, dlogp_dh)`` of an unsharded LM head: fp32 ``[N]`` (``lse = m + log_s``),
+    0 where not ``valid``; ``dlogp_dh`` fp32 ``[N, H]`` with ``hidden_grad`` (else ``[0]``), which
+    backward scales by the log-prob's gradient instead of recomputing the logits for ``d hidden``."""
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    m, s, u, zt = _linear.linear_stats(hidden, weight, bias, ids, valid, start, temperature)
+    m, s, u, zt, dlogp_dh = _linear.linear_stats(hidden, weight, bias, ids, valid, start, temperature, hidden_grad)
     logp, entropy, log_s = _linear.finish_stats(m, s, u, zt)
-    return logp, entropy, m, log_s
+    return logp, entropy, m, log_s, dlogp_dh
 
 
 @linear_token_logprobs.register_fake
-def _(hidden, weight, bias, ids, valid, temperature):
+def _(hidden, weight, bias, ids, valid, temperature, hidden_grad=False):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(4))
+    dlogp_dh = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=torch.float32)
+    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(4)), dlogp_dh)
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, valid, temperature = inputs
-    _, entropy, m, log_s = output
-    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, m, log_s)
+    hidden, weight, bias, ids, valid, temperature, *flag = inputs
+    _, entropy, m, log_s, dlogp_dh = output
+    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, m, log_s, dlogp_dh)
     ctx.temperature = temperature
-    ctx.mark_non_differentiable(m, log_s)
+    ctx.hidden_grad = bool(flag and flag[0])
+    ctx.mark_non_differentiable(m, log_s, dlogp_dh)
+    ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
 
 
-def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s):
-    hidden, weight, bias, ids, valid, entropy, m, log_s = ctx.saved_tensors
+def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s, g_dlogp_dh):
+    hidden, weight, bias, ids, valid, entropy, m, log_s, dlogp_dh = ctx.saved_tensors
     if g_logp is None:
         g_logp = torch.zeros_like(m)
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
     dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, m, log_s, entropy, g_logp, g_entropy,
-                              ctx.temperature)
-    return dh, dw, db if bias is not None else None, None, None, None
+                              ctx.temperature, False, dlogp_dh if ctx.hidden_grad else None)
+    return dh, dw, db if bias is not None else None, None, None, None, None
 
 
 register_autograd("rlloss::linear_token_logprobs", _linear_grad, setup_context=_linear_setup)

@@ -188,3 +188,60 @@ def policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef, inpla
         needs_grad=_needs_grad(logits),
     )
     return loss, {**_metrics(metrics, slots, ref_logp is not None), "entropy_mean": metrics[5]}
+
+
+# --- the loss from hidden states ---------------------------------------------------------------------
+
+
+def linear_token_logprobs_triton(hidden, weight, bias, ids, valid, temperature, group, vocab_start, entropy_grad):
+    """``(logp, entropy)`` fp32 ``[N]`` of validated ``hidden [N, H]``, ``ids [N]``; ``group`` None or the
+    vocabulary-parallel group (``vocab_start``: this rank's first id).
+
+    Unsharded, when ``hidden`` will receive a gradient and the entropy will not (``entropy_grad``
+    False), the forward also forms ``d logp / d hidden`` (fp32 ``[N, H]``, kept for backward, the size
+    of the ``d hidden`` accumulator it replaces): backward then recomputes the logits once, for
+    ``d weight``, instead of twice.
+    """
+    if group is None:
+        hidden_grad = _needs_grad(hidden) and not entropy_grad
+        logp, entropy, *_ = ops().linear_token_logprobs(hidden, weight, bias, ids, valid, float(temperature),
+                                                        hidden_grad)
+        return logp, entropy
+    return _ShardedLinearLogprobs.apply(hidden, weight, bias, ids, valid, vocab_start, float(temperature), group)
+
+
+def _finish_stats(m, s, u, zt):
+    from .kernels.linear_logprobs import finish_stats
+
+    return finish_stats(m, s, u, zt)
+
+
+class _ShardedLinearLogprobs(torch.autograd.Function):
+    """The fused kernels on this rank's shard; only ``[N]`` statistics cross ranks, and ``d hidden``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group):
+        dist = torch.distributed
+        m, s, u, zt = ops().linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(m - big_m)
+        parts = torch.stack([s * scale, (u + s * (m - big_m)) * scale, zt])  # u, s rebased on the global max
+        dist.all_reduce(parts, group=group)
+        logp, entropy, log_s = _finish_stats(big_m, parts[0], parts[1], parts[2])
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)  # each rank's (0, 1, 0, 0) at padding sums to s = world
+        logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s)
+        ctx.temperature, ctx.group = temperature, group
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
+        if g_logp is None:
+            g_logp = torch.zeros_like(m)
+        dh32, dw, db = ops().linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
+                                          g_logp, g_entropy, ctx.temperature, True)
+        torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
+        return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None

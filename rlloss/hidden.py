@@ -140,45 +140,6 @@ def _linear_token_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, bia
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
 
-# --- Triton, vocabulary-parallel -------------------------------------------------------------------
-
-
-class _ShardedLinearLogprobs(torch.autograd.Function):
-    """The fused kernels on this rank's shard; only ``[N]`` statistics cross ranks, and ``d hidden``."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group):
-        from .kernels import ops
-        from .kernels.linear_logprobs import finish_stats
-
-        dist = torch.distributed
-        m, s, u, zt = ops.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
-        big_m = m.clone()
-        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-        scale = torch.exp(m - big_m)
-        parts = torch.stack([s * scale, (u + s * (m - big_m)) * scale, zt])  # u, s rebased on the global max
-        dist.all_reduce(parts, group=group)
-        logp, entropy, log_s = finish_stats(big_m, parts[0], parts[1], parts[2])
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)  # each rank's (0, 1, 0, 0) at padding sums to s = world
-        logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
-        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s)
-        ctx.temperature, ctx.group = temperature, group
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        from .kernels import ops
-
-        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
-        if g_logp is None:
-            g_logp = torch.zeros_like(m)
-        dh32, dw, db = ops.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
-                                               g_logp, g_entropy, ctx.temperature, True)
-        torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
-        return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None
-
-
 # --- public API ------------------------------------------------------------------------------------
 
 
@@ -235,10 +196,21 @@ def linear_token_logprobs(
     Returns:
         ``logp`` fp32 (fp64 for fp64 inputs), shaped as ``ids``, or ``(logp, entropy)``.
     """
-    valid = _check_hidden_inputs(hidden, weight, ids, bias, mask)
-    check_number("temperature", temperature, low=0, low_inclusive=False)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
+    logp, entropy = _logprobs_and_entropy(hidden, weight, ids, bias, temperature, mask, group, backend,
+                                          entropy_grad=return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
+                          temperature: float, mask: torch.Tensor | None, group: Any, backend: str, *,
+                          entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_token_logprobs``'s ``(logp, entropy)``, validated and dispatched. ``entropy_grad``: the
+    entropy may carry a gradient; when it cannot, the Triton backend forms ``d logp / d hidden`` in
+    its forward pass (4 matmuls over the head, not 5)."""
+    valid = _check_hidden_inputs(hidden, weight, ids, bias, mask)
+    check_number("temperature", temperature, low=0, low_inclusive=False)
     chosen = resolve_backend(backend, hidden, weight, ids, bias)
     shape = ids.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -249,17 +221,13 @@ def linear_token_logprobs(
         vocab_start, vocab = _shard_offsets(weight, group)
     check_ids_in_vocab(ids1, vocab, where=valid1, of="weight")
     if chosen == "triton" and hidden.dtype != torch.float64:
-        if group is None:
-            from .kernels import ops
+        from ._fused import linear_token_logprobs_triton
 
-            logp, entropy, _, _ = ops.linear_token_logprobs(h2, weight, bias, ids1, valid1, float(temperature))
-        else:
-            logp, entropy = _ShardedLinearLogprobs.apply(h2, weight, bias, ids1, valid1, vocab_start,
-                                                         float(temperature), group)
+        logp, entropy = linear_token_logprobs_triton(h2, weight, bias, ids1, valid1, temperature, group, vocab_start,
+                                                     entropy_grad)
     else:
         logp, entropy = _linear_token_logprobs_torch(h2, weight, bias, ids1, valid1, temperature, group, vocab_start)
-    logp, entropy = logp.reshape(shape), entropy.reshape(shape)
-    return (logp, entropy) if return_entropy else logp
+    return logp.reshape(shape), entropy.reshape(shape)
 
 
 def policy_loss_from_hidden(
@@ -306,7 +274,8 @@ def policy_loss_from_hidden(
     check_number("entropy_coef", entropy_coef, low=0)
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
-    logp, entropy = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature, mask=mask_b,
-                                          return_entropy=True, group=group, backend=backend)
+    # the entropy carries a gradient only with a bonus; without one it is a metric (entropy_mean)
+    logp, entropy = _logprobs_and_entropy(hidden, weight, ids, bias, temperature, mask_b, group, backend,
+                                          entropy_grad=entropy_coef != 0)
     out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
     return _with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)

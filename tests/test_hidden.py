@@ -92,22 +92,29 @@ def expected(hidden, weight, bias, ids, mask, temperature, gl, ge):
     return logp.detach(), ent.detach(), grads, z_scale, scales
 
 
-def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend):
+def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy=True):
+    """Outputs and gradients; ``return_entropy=False`` (log-prob gradient only) is the path whose
+    Triton forward forms ``d logp / d hidden`` itself (``ent`` is then None)."""
     h, w, b = leaves(hidden, weight, bias)
-    logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=temperature, mask=mask,
-                                             return_entropy=True, backend=backend)
-    grads = grads_of((logp * gl).sum() + (ent * ge).sum(), [h, w, b])
-    return logp.detach(), ent.detach(), grads
+    out = rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=temperature, mask=mask,
+                                       return_entropy=return_entropy, backend=backend)
+    logp, ent = out if return_entropy else (out, None)
+    grads = grads_of((logp * gl).sum() + (ent * ge).sum() if return_entropy else (logp * gl).sum(), [h, w, b])
+    return logp.detach(), ent.detach() if return_entropy else None, grads
 
 
-def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend):
+def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy=True):
     dtype = hidden.dtype
+    if not return_entropy:
+        ge = torch.zeros_like(ge)
     want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, bias, ids, mask, temperature, gl, ge)
-    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend)
+    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy)
     assert_close(logp, want_logp, torch.float32, scale=z_scale, what="logp")
-    assert_close(ent, want_ent, torch.float32, scale=z_scale, what="entropy")
+    if return_entropy:
+        assert_close(ent, want_ent, torch.float32, scale=z_scale, what="entropy")
+        assert bool((ent[~mask] == 0).all())
     assert bool((logp <= 0).all()), "a log-probability above 0"
-    assert bool((logp[~mask] == 0).all() and (ent[~mask] == 0).all())
+    assert bool((logp[~mask] == 0).all())
     for name, got, want, scale in zip(("hidden", "weight", "bias"), grads, want_grads, scales):
         if want is None:
             assert got is None
@@ -132,7 +139,8 @@ def test_matches_token_logprobs_on_materialised_logits(n, h, v, dtype, temperatu
                                                        seed, backend):
     hidden, weight, b, ids, mask = make_head(n, h, v, dtype, seed, bias=bias, mask_kind=mask_kind, strided=strided)
     gl, ge = upstream(n, which, seed, strided)
-    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend)
+    # a log-prob gradient alone is asked for without the entropy: the path that forms d hidden in the forward
+    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend, return_entropy=which != "logp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,6 +150,7 @@ def test_very_negative_logits_give_correct_never_positive_logp(backend, dtype):
     hidden, weight, b, ids, mask = make_head(37, 33, 301, dtype, 3, bias=True, logit_shift=-1e4)
     gl, ge = upstream(37, "both", 3, False)
     check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
+    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, return_entropy=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,6 +161,7 @@ def test_peaked_rows(backend):
     logp = rlloss.linear_token_logprobs(hidden, weight, ids, bias=b, backend=backend)
     assert bool((torch.exp(logp) > 1 - 1e-6).all()) and bool((logp <= 0).all())
     check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
+    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, return_entropy=False)
 
 
 @needs_triton
@@ -159,11 +169,13 @@ def test_peaked_rows(backend):
 def test_triton_is_bitwise_deterministic(dtype):
     hidden, weight, b, ids, mask = make_head(150, 65, 301, dtype, 5, bias=True, mask_kind="random")
     gl, ge = upstream(150, "both", 5, False)
-    first = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton")
-    second = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton")
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    for a, c in zip(first[2], second[2]):
-        assert torch.equal(a, c)
+    for return_entropy in (True, False):
+        first = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", return_entropy)
+        second = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", return_entropy)
+        assert torch.equal(first[0], second[0])
+        assert not return_entropy or torch.equal(first[1], second[1])
+        for a, c in zip(first[2], second[2]):
+            assert torch.equal(a, c)
 
 
 def test_float64_gradcheck_of_the_reference():
@@ -448,3 +460,22 @@ def test_without_entropy_the_gradient_is_the_log_prob_gradient():
     got = torch.autograd.grad((logp * gl).sum(), [h, w, bb])
     for g, e in zip(got, want):
         assert_close(g, e, torch.float32, scale=float(e.abs().max()))
+
+
+@needs_triton
+def test_forward_d_hidden_plus_recomputed_entropy_part_is_the_recomputed_whole():
+    # the op's two ways to d hidden: the forward's d logp / d hidden scaled in backward (plus, for an
+    # entropy gradient, a recompute of the entropy's part only) and a recompute of all of it
+    from rlloss.kernels import ops
+
+    hidden, weight, b, ids, mask = make_head(70, 33, 301, torch.float32, 15, bias=True, mask_kind="random")
+    hidden, ids, mask = hidden[0], ids[0], mask[0]  # the ops take [N, H] and [N]
+    gl, ge = (g[0] for g in upstream(70, "both", 15, False))
+    logp, ent, m, log_s, dlogp_dh = ops.linear_token_logprobs(hidden, weight, b, ids, mask, 0.8, True)
+    assert dlogp_dh.shape == hidden.shape and bool((dlogp_dh[~mask] == 0).all())
+    start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for g_ent in (None, ge):
+        whole = ops.linear_grads(hidden, weight, b, ids, mask, start, m, log_s, ent, gl, g_ent, 0.8)
+        split = ops.linear_grads(hidden, weight, b, ids, mask, start, m, log_s, ent, gl, g_ent, 0.8, False, dlogp_dh)
+        assert torch.equal(whole[1], split[1]) and torch.equal(whole[2], split[2])  # d weight, d bias: one kernel
+        assert_close(split[0], whole[0], torch.float32, scale=float(whole[0].abs().max()), what="d hidden")

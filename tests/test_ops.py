@@ -141,10 +141,15 @@ def linear_cases():
     m, log_s, ent, gl, ge = (torch.randn(n, generator=gen) for _ in range(5))
     grad = (h.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True))
     yield "bias", ops.linear_token_logprobs, (*grad, ids, valid, 0.9)
+    yield "forward-dh", ops.linear_token_logprobs, (*grad, ids, valid, 0.9, True)
     yield "bias", ops.linear_stats, (h, w, b, ids, valid, start, 0.9)
     yield "bias", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9)
     yield "logp-only", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, None, 0.9)
     yield "fp32-dh", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True)
+    dlogp_dh = torch.randn(n, h_dim, generator=gen)
+    yield "forward-dh", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, None, 0.9, False, dlogp_dh)
+    yield "forward-dh+entropy", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False,
+                                                   dlogp_dh)
 
 
 CASES = list(policy_loss_cases()) + list(other_cases()) + list(linear_cases())
