@@ -12,12 +12,17 @@ Contenders (bf16 hidden ``[N, H]`` and LM head ``[V, H]``, entropy and log-prob 
   trl imports; modelled from its tile sizes at the large sizes.
 * ``rlloss-torch``: ``linear_token_logprobs(backend="torch")``, the reference (fp32 logits).
 * ``rlloss-fused``: ``linear_token_logprobs(backend="triton")``: no ``[N, V]`` buffer at all.
+* ``rlloss-fused-logp``: the same when only the log-prob carries a gradient (GRPO, DAPO, Dr. GRPO
+  without an entropy bonus): the forward forms ``d logp / d hidden`` and backward recomputes the
+  logits once, for ``d weight``: 4 matmuls instead of 5.
 
 Figures and their kinds:
 
-* ``measured CPU``: time (median) and peak extra memory (profiler allocations minus frees, beyond
-  the inputs) of one forward+backward at a small size (``CPU_SIZE``), for the torch contenders.
-  The fused path is not timed on the CPU (the interpreter measures Python).
+* ``measured``: time (median) and peak extra memory (beyond the inputs) of one forward+backward.
+  On the CPU (profiler allocations minus frees) at a small size (``CPU_SIZE``), for the torch
+  contenders: the fused path is not timed there (the interpreter measures Python). On CUDA (CUDA
+  events, ``max_memory_allocated``) every contender, the fused ones included, at ``GPU_SIZE``
+  (V = 151936, H = 3584): the figures that settle what the model below cannot.
 * ``counted``: FLOPs (matmuls, 2 per multiply-add) and bytes of memory traffic at
   ``V = 151936, H = 3584, N = 16k / 64k`` from each design's loop structure (the terms are in
   ``designs``), and extra memory: the fused path's allocations (``fused_extra_bytes``, the same
@@ -26,6 +31,10 @@ Figures and their kinds:
   inside a pass, as any GEMM roofline assumes) and count in full what is written to memory and
   read back: logits tiles, ``[N, V]`` temporaries, the fp32 accumulators (read and written once
   per tile that adds into them).
+* ``counted``, L2: the matmul operands' traffic from L2 into the SMs, from each design's tile sizes
+  (``2 H (BN + BV)`` bytes per ``BN x BV`` logits tile and pass, plus the second operand of a fused
+  backward or ``P @ W`` product; cuBLAS's tiles taken as 128 x 256). Not in the time model (the data
+  sheet gives no L2 bandwidth), but it is what thin tiles cost: see the README's caveat.
 * ``model``: H100 time = max(FLOPs / 989 TFLOP/s (dense bf16, data sheet), bytes / 3 TB/s).
 """
 
@@ -33,24 +42,26 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import rlloss
-from harness import Part, Run, cpu_peak_bytes
+from harness import CudaClock, Meter, Part, Run
 
 V_MODEL, H_MODEL = 151936, 3584
 N_MODEL = (16384, 65536)
 CPU_SIZE = (1024, 8192, 256)  # N, V, H measured on the CPU
 QUICK_CPU_SIZE = (256, 2048, 64)
+GPU_SIZE = (16384, 151936, 3584)  # measured on CUDA: eager's logits and their fp32 companions take ~51 GiB
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PEAK_BYTES = 3.0e12  # H100 HBM3, rounded down from 3.35 TB/s
 BF16 = 2
 TRL_TILE = (4096, 32768)
-CONTENDERS = ("eager", "chunked-512", "chunked-1024", "trl-1.16", "rlloss-torch", "rlloss-fused")
+CONTENDERS = ("eager", "chunked-512", "chunked-1024", "trl-1.16", "rlloss-torch", "rlloss-fused", "rlloss-fused-logp")
+FUSED = ("rlloss-fused", "rlloss-fused-logp")
+LOGP_ONLY = ("rlloss-fused-logp",)  # the entropy is neither computed nor differentiated
 
 
 # --- the torch contenders ------------------------------------------------------------------------------
@@ -109,17 +120,23 @@ def build(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tup
         return lambda h, w, ids: _Chunked.apply(h, w, ids, chunk)
     if name == "trl-1.16":
         return trl_head
+    if name in LOGP_ONLY:  # the log-prob alone: its entropy slot is a constant 0
+        return lambda h, w, ids: _with_zero_entropy(rlloss.linear_token_logprobs(h, w, ids, backend="triton"))
     backend = {"rlloss-torch": "torch", "rlloss-fused": "triton"}[name]
     return lambda h, w, ids: rlloss.linear_token_logprobs(h, w, ids, return_entropy=True, backend=backend)
 
 
-def make_inputs(n: int, v: int, h: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def _with_zero_entropy(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logp, torch.zeros_like(logp)
+
+
+def make_inputs(n: int, v: int, h: int, seed: int = 0, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen).to(torch.bfloat16)
     weight = (torch.randn(v, h, generator=gen) / h**0.5).to(torch.bfloat16)
     ids = torch.randint(0, v, (n,), generator=gen)
     gl, ge = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    return hidden, weight, ids, gl, ge
+    return tuple(x.to(device) for x in (hidden, weight, ids, gl, ge))
 
 
 def step(fn, hidden, weight, ids, gl, ge, leaves=None) -> tuple[torch.Tensor, ...]:
@@ -139,28 +156,30 @@ def _fixed_and_elements(name: str, n: int, v: int, h: int) -> tuple[float, float
     return 0.0, n * v
 
 
-def measure_cpu(names: tuple[str, ...], size: tuple[int, int, int], reps: int) -> dict[str, dict[str, Any]]:
-    """Median fwd+bwd time and peak extra memory of each torch contender at ``size`` (measured CPU)."""
-    inputs = make_inputs(*size)
+def measure(names: tuple[str, ...], size: tuple[int, int, int], reps: int, meter: Meter | None = None
+            ) -> dict[str, dict[str, Any]]:
+    """Median fwd+bwd time and peak extra memory of each contender at ``size`` (measured; CPU without
+    ``meter``, else the meter's device: its clock and its memory meter)."""
+    meter = meter or Meter.for_device(torch.device("cpu"), reps, 1)
+    device = torch.device("cuda") if isinstance(meter.clock, CudaClock) else torch.device("cpu")
+    inputs = make_inputs(*size, device=device)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
             fn = build(name)
-            step(fn, *inputs)  # warm-up (and the import, for trl)
-        except Exception as exc:  # trl missing or broken here: reported, not hidden
+            step(fn, *inputs)  # warm-up (and the import, for trl; the kernels' compilation on CUDA)
+        except Exception as exc:  # trl missing or broken here, or out of memory: reported, not hidden
             out[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:200]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # what a failed contender cached is not the next one's to pay
             continue
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step(fn, *inputs)
-            times.append(time.perf_counter() - t0)
+        times = [meter.clock.time(lambda: step(fn, *inputs)) for _ in range(reps)]
         leaves = (inputs[0].clone().requires_grad_(True), inputs[1].clone().requires_grad_(True))
-        peak = cpu_peak_bytes(lambda: step(fn, *inputs, leaves=leaves))
+        peak = meter.peak(lambda: step(fn, *inputs, leaves=leaves))
         n, v, h = size
         extra = peak - BF16 * (n * h + v * h) - 2 * 4 * n  # beyond the gradients and the two outputs
         fixed, elements = _fixed_and_elements(name, n, v, h)
-        out[name] = {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": extra,
+        out[name] = {"ms": statistics.median(times), "peak_extra_bytes": extra,
                      "bytes_per_logit": (extra - fixed) / elements}
     return out
 
@@ -172,6 +191,7 @@ class Counted:
     flops: float
     bytes: float
     extra_bytes: float
+    l2_bytes: float = 0.0
 
     def model_ms(self) -> float:
         return 1e3 * max(self.flops / PEAK_FLOPS, self.bytes / PEAK_BYTES)
@@ -182,9 +202,16 @@ def fused_extra_bytes(n: int, v: int, h: int) -> int:
 
     Forward: ``m, s, u, zt`` and the saved ``lse`` (fp32 ``[N]``), ``order`` (int64 ``[N]``).
     Backward: the fp32 accumulators ``d hidden`` ``[N, H]`` and ``d weight`` ``[V, H]`` (rounded to
-    bf16 at the end: those bf16 copies are the gradients), ``order`` again.
+    bf16 at the end: those bf16 copies are the gradients), ``order`` again. With the log-prob's
+    gradient alone, the forward's fp32 ``d logp / d hidden`` ``[N, H]`` takes ``d hidden``'s place
+    (backward scales it straight into the bf16 gradient): the same total.
     """
     return 4 * n * 5 + 8 * n + 4 * n * h + 4 * v * h
+
+
+def operand_l2_bytes(n: int, v: int, h: int, bn: int, bv: int) -> float:
+    """Bytes of bf16 operands brought into the SMs by one pass of ``BN x BV`` logits tiles over ``H``."""
+    return BF16 * h * (bn + bv) * -(-n // bn) * -(-v // bv)
 
 
 def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = None) -> dict[str, Counted]:
@@ -204,67 +231,88 @@ def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = N
     # d logits (w 2, read by two matmuls 4); saved: lsm, p (8) plus a backward fp32 temporary or two (12), d logits 2
     eager_per_elem_fwd = 2 + 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 12
     eager_per_elem_bwd = 40 + 2 + 4
+    cublas = operand_l2_bytes(n, v, h, 128, 256)  # one cuBLAS matmul over [N, V] (tiles taken as 128 x 256)
     out = {"eager": Counted(3 * mm, nv * (eager_per_elem_fwd + eager_per_elem_bwd) + 3 * inputs + grads_out,
-                            22.0 * nv)}
+                            22.0 * nv, 3 * cublas)}
     for chunk in (512, 1024):
         # forward as eager per chunk; backward recomputes (logits again) and adds d weight in fp32 per chunk
         out[f"chunked-{chunk}"] = Counted(
             4 * mm, nv * (eager_per_elem_fwd + 2 + eager_per_elem_bwd) + 4 * inputs + grads_out
             + acc_rmw(v, h, -(-n // chunk)),
-            22.0 * min(chunk, n) * v + 4.0 * v * h)
+            22.0 * min(chunk, n) * v + 4.0 * v * h, 4 * cublas)
     tn, tv = TRL_TILE
     # tiles: forward write + epilogue read; backward write, in-place read + write, two matmul reads
     out["trl-1.16"] = Counted(4 * mm, BF16 * nv * (2 + 5) + 4 * inputs + grads_out
                               + acc_rmw(n, h, -(-v // tv)) + acc_rmw(v, h, -(-n // tn)),
-                              BF16 * min(n, tn) * tv + 4.0 * n * h + 4.0 * v * h + 4 * 7 * n)
-    out["rlloss-torch"] = Counted(3 * mm, out["eager"].bytes + 8.0 * nv, 26.0 * nv)  # fp32 logits from the start
+                              BF16 * min(n, tn) * tv + 4.0 * n * h + 4.0 * v * h + 4 * 7 * n, 4 * cublas)
+    out["rlloss-torch"] = Counted(3 * mm, out["eager"].bytes + 8.0 * nv, 26.0 * nv, 3 * cublas)  # fp32 logits
     b = BLOCKS["16bit"]
-    out["rlloss-fused"] = Counted(5 * mm, 3 * inputs + grads_out + acc_rmw(n, h, -(-v // b["dh"][1]))
-                                  + acc_rmw(v, h, -(-n // b["dw"][0])) + 4 * 8 * n,
-                                  fused_extra_bytes(n, v, h))
+    fwd, fwd_dh, dh, dw = (b[k][:2] for k in ("fwd", "fwd_dh", "dh", "dw"))
+    # per pass: the logits tile's operands; then d hidden's (P @ W, d logits @ W) re-read weight rows
+    # per token block, d weight's (d logits^T @ hidden) re-reads hidden rows per vocabulary block
+    l2_dh = operand_l2_bytes(n, v, h, *dh) + BF16 * v * h * -(-n // dh[0])
+    l2_dw = operand_l2_bytes(n, v, h, *dw) + BF16 * n * h * -(-v // dw[1])
+    out["rlloss-fused"] = Counted(5 * mm, 3 * inputs + grads_out + acc_rmw(n, h, -(-v // dh[1]))
+                                  + acc_rmw(v, h, -(-n // dw[0])) + 4 * 8 * n,
+                                  fused_extra_bytes(n, v, h), operand_l2_bytes(n, v, h, *fwd) + l2_dh + l2_dw)
+    # the forward adds P @ W into its fp32 [N, H] rows per vocabulary block; backward reads it once
+    out["rlloss-fused-logp"] = Counted(
+        4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd_dh[1])) + 4.0 * n * h
+        + acc_rmw(v, h, -(-n // dw[0])) + 4 * 8 * n, fused_extra_bytes(n, v, h),
+        operand_l2_bytes(n, v, h, *fwd_dh) + BF16 * v * h * -(-n // fwd_dh[0]) + l2_dw)
     for name, k in (bytes_per_logit or {}).items():
         fixed, elements = _fixed_and_elements(name, n, v, h)
         out[name] = dataclasses.replace(out[name], extra_bytes=fixed + k * elements)
     return out
 
 
-def report(quick: bool = False, reps: int = 3) -> dict[str, Any]:
-    """Print the "from hidden states" tables and return them for the benchmark's JSON record."""
-    size = QUICK_CPU_SIZE if quick else CPU_SIZE
-    torch_names = tuple(c for c in CONTENDERS if c != "rlloss-fused")
-    measured = measure_cpu(torch_names, size, 1 if quick else reps)
+def report(quick: bool = False, reps: int = 3, meter: Meter | None = None) -> dict[str, Any]:
+    """Print the "from hidden states" tables and return them for the benchmark's JSON record.
+
+    ``meter``: a CUDA meter times every contender at ``GPU_SIZE``; else the torch contenders on the CPU.
+    """
+    on_gpu = meter is not None and isinstance(meter.clock, CudaClock)
+    size = QUICK_CPU_SIZE if quick else GPU_SIZE if on_gpu else CPU_SIZE
+    names = CONTENDERS if on_gpu else tuple(c for c in CONTENDERS if c not in FUSED)
+    reps = 1 if quick else reps
+    measured = measure(names, size, reps, meter if on_gpu else None)
     # trl's CPU fallback folds each tile in fp32 torch ops; on CUDA its epilogue keeps the bf16 tile only: counted
-    per_logit = {k: m["bytes_per_logit"] for k, m in measured.items() if "bytes_per_logit" in m and k != "trl-1.16"}
+    per_logit = {k: m["bytes_per_logit"] for k, m in measured.items()
+                 if "bytes_per_logit" in m and k != "trl-1.16" and k not in FUSED}
     counted = {n: designs(n, V_MODEL, H_MODEL, per_logit) for n in N_MODEL}
     small = designs(*size)
     gib = 2.0**30
-    print(f"\nfrom hidden states (bf16 hidden and LM head, log-prob and entropy gradients), "
-          f"N={size[0]} V={size[1]} H={size[2]}: measured CPU, median of {1 if quick else reps}")
-    print(f"{'contender':14} {'fwd+bwd ms':>11} {'peak extra MiB':>15} {'B per logit':>12}")
+    kind = "measured CUDA (CUDA events)" if on_gpu else "measured CPU"
+    print(f"\nfrom hidden states (bf16 hidden and LM head, log-prob and entropy gradients; -logp: log-prob only), "
+          f"N={size[0]} V={size[1]} H={size[2]}: {kind}, median of {reps}")
+    print(f"{'contender':17} {'fwd+bwd ms':>11} {'peak extra MiB':>15} {'B per logit':>12}")
     for name in CONTENDERS:
         m = measured.get(name, {})
         ms = f"{m['ms']:.1f}" if "ms" in m else ("skipped" if "skipped" in m else "not timed")
         if "peak_extra_bytes" in m:
-            peak, per = f"{m['peak_extra_bytes'] / 2**20:.2f}", f"{m['bytes_per_logit']:.1f}"
-        else:  # the fused path: its allocations, counted
+            per = "-" if name in FUSED else f"{m['bytes_per_logit']:.1f}"
+            peak = f"{m['peak_extra_bytes'] / 2**20:.2f}"
+        else:  # the fused path on the CPU: its allocations, counted
             peak, per = f"{small[name].extra_bytes / 2**20:.2f} (counted)", "0"
-        print(f"{name:14} {ms:>11} {peak:>15} {per:>12}")
+        print(f"{name:17} {ms:>11} {peak:>15} {per:>12}")
     for name, m in measured.items():
         if "skipped" in m:
             print(f"  {name} skipped: {m['skipped']}")
     print(f"\nfrom hidden states at V={V_MODEL}, H={H_MODEL}: extra memory (fused: counted; torch contenders: model, "
           f"their measured bytes per logit times the logits-sized elements they keep), FLOPs and bytes (counted), "
           f"H100 time (model: max of FLOPs at {PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes at {PEAK_BYTES / 1e12:.0f} TB/s)")
-    print(f"{'contender':14} {'N':>6} {'extra GiB':>10} {'TFLOP':>7} {'GB moved':>9} {'model ms':>9} {'x FLOP bound':>13}")
+    print(f"{'contender':17} {'N':>6} {'extra GiB':>10} {'TFLOP':>7} {'GB moved':>9} {'model ms':>9} "
+          f"{'x FLOP bound':>13} {'L2->SM TB':>10}")
     for n in N_MODEL:
         bound = 1e3 * 8 * n * V_MODEL * H_MODEL / PEAK_FLOPS  # fwd, recompute, d hidden, d weight: no [N, V] kept
         for name, c in counted[n].items():
-            print(f"{name:14} {n:>6} {c.extra_bytes / gib:>10.2f} {c.flops / 1e12:>7.1f} {c.bytes / 1e9:>9.1f} "
-                  f"{c.model_ms():>9.1f} {c.model_ms() / bound:>13.2f}")
+            print(f"{name:17} {n:>6} {c.extra_bytes / gib:>10.2f} {c.flops / 1e12:>7.1f} {c.bytes / 1e9:>9.1f} "
+                  f"{c.model_ms():>9.1f} {c.model_ms() / bound:>13.2f} {c.l2_bytes / 1e12:>10.1f}")
     return {
-        "cpu_size": dict(zip("NVH", size)),
-        "measured_cpu": measured,
-        "counted_at_cpu_size": {k: dataclasses.asdict(v) for k, v in small.items()},
+        "measured_size": dict(zip("NVH", size)),
+        "measured_kind": kind,
+        "measured": measured,
+        "counted_at_measured_size": {k: dataclasses.asdict(v) for k, v in small.items()},
         "counted_and_model": {str(n): {k: dataclasses.asdict(v) | {"model_ms": v.model_ms()} for k, v in c.items()}
                               for n, c in counted.items()},
         "model": {"peak_flops": PEAK_FLOPS, "peak_bytes_per_s": PEAK_BYTES, "V": V_MODEL, "H": H_MODEL},
@@ -272,8 +320,8 @@ def report(quick: bool = False, reps: int = 3) -> dict[str, Any]:
 
 
 def run_part(run: Run) -> dict[str, Any]:
-    """``bench_loss.py``'s part: the from-hidden-states section (measured CPU at a small size, modelled at large)."""
-    return {"hidden": report(quick=run.quick)}
+    """``bench_loss.py``'s part: the from-hidden-states section (measured on the run's device, modelled at large)."""
+    return {"hidden": report(quick=run.quick, reps=min(run.meter.reps, 5), meter=run.meter)}
 
 
 PART = Part("the from-hidden-states problem", run_part, flag="hidden", help="leave out the from-hidden-states problem")
@@ -289,8 +337,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    record = report(quick=args.quick, reps=args.reps)
-    out = Path(__file__).resolve().parent / "results" / f"bench-hidden-cpu{'-quick' if args.quick else ''}.json"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    record = report(quick=args.quick, reps=args.reps, meter=Meter.for_device(device, args.reps, 1))
+    out = (Path(__file__).resolve().parent / "results"
+           / f"bench-hidden-{device.type}{'-quick' if args.quick else ''}.json")
     out.write_text(json.dumps(record, indent=1))
     print(f"\nwrote {out}")
     return 0

@@ -262,11 +262,16 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
             w = torch.randn(1000, 4096, generator=gen).to(dt).requires_grad_(True)
             b = torch.randn(1000, generator=gen).to(dt).requires_grad_(True) if bias else None
             ids = torch.randint(0, 1000, (2, 8), generator=gen)
-            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
-            (logp.sum() + (ent.sum() if entropy else 0)).backward()
+            if entropy:
+                logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
+                (logp.sum() + ent.sum()).backward()
+            else:  # the forward that forms d logp / d hidden, and backward's d weight kernel alone
+                rlloss.linear_token_logprobs(h, w, ids, bias=b, backend="triton").sum().backward()
         return run
 
     for dn, dt in dtypes.items():
         add(f"linear_token_logprobs H=4096 V=1000 {dn}", hidden_run(dt))
     add("linear_token_logprobs bf16, no bias, logp only", hidden_run(torch.bfloat16, bias=False, entropy=False))
+    add("linear_token_logprobs fp16, logp only", hidden_run(torch.float16, entropy=False))
+    add("linear_token_logprobs fp32, logp only", hidden_run(f32, entropy=False))
     return out

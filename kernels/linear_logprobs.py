@@ -8,9 +8,13 @@ then ``token_logprobs``) without ever writing a tile of logits to memory:
   statistics: the max ``m`` (starting at -inf), ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``
   (the entropy's sum taken against the running max, rescaled when it moves, so logits near 1e4 lose
   no digits) and the target logit, picked out of the same tile (so ``logp <= 0`` always).
+  With ``HIDDEN_GRAD`` (only the log-prob will carry a gradient) it also adds ``exp(z - m) @ weight``
+  over the other tokens into its own fp32 rows, rescaled as ``s`` is (flash attention's ``P @ V``),
+  and ends with ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T``:
+  backward then scales those rows by the upstream gradient, with no matmul for ``d hidden``.
 * ``_linear_dh_kernel``: one program per token block recomputes its logits tiles, forms
   ``d logits`` in registers and adds ``d logits @ weight`` into its own rows of an fp32 ``d hidden``
-  accumulator.
+  accumulator (all of ``d hidden``, or the entropy's part after a ``HIDDEN_GRAD`` forward).
 * ``_linear_dw_kernel``: one program per vocabulary block loops over the token blocks in order,
   recomputes the tiles and adds ``d logits^T @ hidden`` into its own rows of an fp32 ``d weight``
   accumulator, and sums ``d bias`` in registers.
@@ -334,15 +338,17 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     V = weight.shape[0]
     dev = hidden.device
     valid_g = torch.where(valid, g_logp, torch.zeros((), dtype=g_logp.dtype, device=dev)).float()
-    if dlogp_dh is not None:
-        dh = valid_g[:, None] * dlogp_dh
-    else:
+    has_ent = g_entropy is not None
+    if dlogp_dh is None:
         dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
+    elif has_ent or hidden_grad_fp32:  # the entropy's part is added to it in fp32 below
+        dh = valid_g[:, None] * dlogp_dh
+    else:  # rounded once, straight into the gradient: no fp32 [N, H] temporary
+        dh = torch.mul(dlogp_dh, valid_g[:, None], out=torch.empty((N, H), dtype=hidden.dtype, device=dev))
     dw = torch.zeros((V, H), dtype=torch.float32, device=dev)
     db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     if N:
         order, count = pack_valid(valid)
-        has_ent = g_entropy is not None
         g_ent = g_entropy.contiguous() if has_ent else valid_g
         common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
                   m.contiguous(), log_s.contiguous(), entropy.contiguous())
