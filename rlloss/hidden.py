@@ -191,6 +191,7 @@ def linear_token_logprobs(
             passes the same ``hidden`` and ``ids`` and gets the unsharded call's outputs and
             ``d hidden`` (summed over ranks inside backward: do not sum it again), and the
             gradient of its own weight rows. Forward sends only ``[N]`` statistics across ranks.
+            Compiles with ``fullgraph=True`` too (the collectives are traced, no graph break).
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:

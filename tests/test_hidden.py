@@ -331,22 +331,29 @@ def _tp_rank(rank: int, port: int, out_dir: str, world: int, backends: list[str]
         hidden, weight, b, ids, mask, gl, ge = tp_problem()
         rows = torch.tensor_split(torch.arange(V_TP), world)[rank]
         out = {}
-        for backend in backends:
+
+        def call(h, w, bb, backend):
+            return rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, temperature=0.8, return_entropy=True,
+                                                group=torch.distributed.group.WORLD, backend=backend)
+
+        compiled = torch.compile(call, backend="inductor", fullgraph=True)
+        for name in backends:
+            backend, how = (name.split("+") + ["eager"])[:2]
             h, w, bb = leaves(hidden, weight[rows], b[rows])
-            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, temperature=0.8,
-                                                     return_entropy=True, group=torch.distributed.group.WORLD,
-                                                     backend=backend)
+            logp, ent = (compiled if how == "compile" else call)(h, w, bb, backend)
             grads = torch.autograd.grad((logp * gl).sum() + (ent * ge).sum(), [h, w, bb])
-            out[backend] = (logp.detach(), ent.detach(), *grads)
+            out[name] = (logp.detach(), ent.detach(), *grads)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
-    results = spawn_ranks(_tp_rank, world, tmp_path, 240.0, world, BACKENDS)
+    # each backend eagerly and inside torch.compile (a trainer compiles its step; the collectives must not break it)
+    names = [f"{backend}{how}" for backend in BACKENDS for how in ("", "+compile")]
+    results = spawn_ranks(_tp_rank, world, tmp_path, 240.0, world, names)
     hidden, weight, b, ids, mask, gl, ge = tp_problem()
     want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, ge)
-    for backend in BACKENDS:
+    for backend in names:
         for r, res in enumerate(results):
             logp, ent, dh, _, _ = res[backend]
             assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{backend} rank {r} logp")
