@@ -34,7 +34,7 @@ Figures and their kinds:
 * ``counted``, L2: the matmul operands' traffic from L2 into the SMs, from each design's tile sizes
   (``2 H (BN + BV)`` bytes per ``BN x BV`` logits tile and pass, plus the second operand of a fused
   backward or ``P @ W`` product; cuBLAS's tiles taken as 128 x 256). Not in the time model (the data
-  sheet gives no L2 bandwidth), but it is what thin tiles cost: see the README's caveat.
+  sheet gives no L2 bandwidth), but it is what thin tiles cost: see docs/hidden-states.md.
 * ``model``: H100 time = max(FLOPs / 989 TFLOP/s (dense bf16, data sheet), bytes / 3 TB/s).
 """
 
