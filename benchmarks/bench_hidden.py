@@ -1,6 +1,7 @@
 """The loss from hidden states: log-probs and entropy of ``hidden @ weight.T``, forward and backward.
 
-Contenders (bf16 hidden ``[N, H]`` and LM head ``[V, H]``, entropy and log-prob both carrying gradient):
+Contenders (bf16 hidden ``[N, H]`` and LM head ``[V, H]``, entropy and log-prob both carrying gradient
+but in ``rlloss-fused-logp``):
 
 * ``eager``: ``hidden @ weight.T``, ``log_softmax`` in fp32, gather, entropy: the ``[N, V]`` logits
   and their fp32 companions live through backward.
@@ -12,9 +13,9 @@ Contenders (bf16 hidden ``[N, H]`` and LM head ``[V, H]``, entropy and log-prob 
   trl imports; modelled from its tile sizes at the large sizes.
 * ``rlloss-torch``: ``linear_token_logprobs(backend="torch")``, the reference (fp32 logits).
 * ``rlloss-fused``: ``linear_token_logprobs(backend="triton")``: no ``[N, V]`` buffer at all.
-* ``rlloss-fused-logp``: the same when only the log-prob carries a gradient (GRPO, DAPO, Dr. GRPO
-  without an entropy bonus): the forward forms ``d logp / d hidden`` and backward recomputes the
-  logits once, for ``d weight``: 4 matmuls instead of 5.
+* ``rlloss-fused-logp``: the same with ``entropy_grad=False``, only the log-prob carrying a gradient
+  (GRPO, DAPO, Dr. GRPO without an entropy bonus; the entropy a metric): the forward forms
+  ``d logp / d hidden`` and backward recomputes the logits once, for ``d weight``: 4 matmuls, not 5.
 
 Figures and their kinds:
 
@@ -31,7 +32,8 @@ Figures and their kinds:
   inside a pass, as any GEMM roofline assumes) and count in full what is written to memory and
   read back: logits tiles, ``[N, V]`` temporaries, the fp32 accumulators (read and written once
   per tile that adds into them).
-* ``counted``, L2: the matmul operands' traffic from L2 into the SMs, from each design's tile sizes
+* ``counted``, L2: the matmul operands' traffic from L2 into the SMs (the fp32 accumulators' reads and
+  writes, counted in the DRAM bytes, cross L2 too and are not in this column), from each design's tile sizes
   (``2 H (BN + BV)`` bytes per ``BN x BV`` logits tile and pass, plus the second operand of a fused
   backward or ``P @ W`` product; cuBLAS's tiles taken as 128 x 256). Not in the time model (the data
   sheet gives no L2 bandwidth), but it is what thin tiles cost: see docs/hidden-states.md.
@@ -61,7 +63,7 @@ BF16 = 2
 TRL_TILE = (4096, 32768)
 CONTENDERS = ("eager", "chunked-512", "chunked-1024", "trl-1.16", "rlloss-torch", "rlloss-fused", "rlloss-fused-logp")
 FUSED = ("rlloss-fused", "rlloss-fused-logp")
-LOGP_ONLY = ("rlloss-fused-logp",)  # the entropy is neither computed nor differentiated
+LOGP_ONLY = ("rlloss-fused-logp",)  # the entropy is computed, not differentiated
 
 
 # --- the torch contenders ------------------------------------------------------------------------------
@@ -120,14 +122,11 @@ def build(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tup
         return lambda h, w, ids: _Chunked.apply(h, w, ids, chunk)
     if name == "trl-1.16":
         return trl_head
-    if name in LOGP_ONLY:  # the log-prob alone: its entropy slot is a constant 0
-        return lambda h, w, ids: _with_zero_entropy(rlloss.linear_token_logprobs(h, w, ids, backend="triton"))
+    if name in LOGP_ONLY:
+        return lambda h, w, ids: rlloss.linear_token_logprobs(h, w, ids, return_entropy=True, entropy_grad=False,
+                                                              backend="triton")
     backend = {"rlloss-torch": "torch", "rlloss-fused": "triton"}[name]
     return lambda h, w, ids: rlloss.linear_token_logprobs(h, w, ids, return_entropy=True, backend=backend)
-
-
-def _with_zero_entropy(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return logp, torch.zeros_like(logp)
 
 
 def make_inputs(n: int, v: int, h: int, seed: int = 0, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -247,7 +246,7 @@ def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = N
                               BF16 * min(n, tn) * tv + 4.0 * n * h + 4.0 * v * h + 4 * 7 * n, 4 * cublas)
     out["rlloss-torch"] = Counted(3 * mm, out["eager"].bytes + 8.0 * nv, 26.0 * nv, 3 * cublas)  # fp32 logits
     b = BLOCKS["16bit"]
-    fwd, fwd_dh, dh, dw = (b[k][:2] for k in ("fwd", "fwd_dh", "dh", "dw"))
+    fwd, dh, dw = (b[k][:2] for k in ("fwd", "dh", "dw"))
     # per pass: the logits tile's operands; then d hidden's (P @ W, d logits @ W) re-read weight rows
     # per token block, d weight's (d logits^T @ hidden) re-reads hidden rows per vocabulary block
     l2_dh = operand_l2_bytes(n, v, h, *dh) + BF16 * v * h * -(-n // dh[0])
@@ -257,9 +256,9 @@ def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = N
                                   fused_extra_bytes(n, v, h), operand_l2_bytes(n, v, h, *fwd) + l2_dh + l2_dw)
     # the forward adds P @ W into its fp32 [N, H] rows per vocabulary block; backward reads it once
     out["rlloss-fused-logp"] = Counted(
-        4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd_dh[1])) + 4.0 * n * h
+        4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd[1])) + 4.0 * n * h
         + acc_rmw(v, h, -(-n // dw[0])) + 4 * 8 * n, fused_extra_bytes(n, v, h),
-        operand_l2_bytes(n, v, h, *fwd_dh) + BF16 * v * h * -(-n // fwd_dh[0]) + l2_dw)
+        operand_l2_bytes(n, v, h, *fwd) + BF16 * v * h * -(-n // fwd[0]) + l2_dw)
     for name, k in (bytes_per_logit or {}).items():
         fixed, elements = _fixed_and_elements(name, n, v, h)
         out[name] = dataclasses.replace(out[name], extra_bytes=fixed + k * elements)

@@ -255,23 +255,25 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
     add("policy_loss_from_logits V=32768 bf16, in place", logits_run(torch.bfloat16, 32768, loss=True, inplace=True))
 
     # linear_token_logprobs (from hidden states): H = 4096, V = 1000 (not a multiple of the blocks)
-    def hidden_run(dt, bias=True, entropy=True):
+    def hidden_run(dt, bias=True, entropy="grad"):
+        """``entropy``: "grad" (both kernels' entropy terms), "unused" (returned, not differentiated: the
+        d hidden kernel without them), "none" (the forward that forms d logp / d hidden, then d weight)."""
         def run():
             gen = torch.Generator().manual_seed(5)
             h = torch.randn(2, 8, 4096, generator=gen).to(dt).requires_grad_(True)
             w = torch.randn(1000, 4096, generator=gen).to(dt).requires_grad_(True)
             b = torch.randn(1000, generator=gen).to(dt).requires_grad_(True) if bias else None
             ids = torch.randint(0, 1000, (2, 8), generator=gen)
-            if entropy:
-                logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
-                (logp.sum() + ent.sum()).backward()
-            else:  # the forward that forms d logp / d hidden, and backward's d weight kernel alone
+            if entropy == "none":
                 rlloss.linear_token_logprobs(h, w, ids, bias=b, backend="triton").sum().backward()
+                return
+            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
+            (logp.sum() + (ent.sum() if entropy == "grad" else 0)).backward()
         return run
 
     for dn, dt in dtypes.items():
         add(f"linear_token_logprobs H=4096 V=1000 {dn}", hidden_run(dt))
-    add("linear_token_logprobs bf16, no bias, logp only", hidden_run(torch.bfloat16, bias=False, entropy=False))
-    add("linear_token_logprobs fp16, logp only", hidden_run(torch.float16, entropy=False))
-    add("linear_token_logprobs fp32, logp only", hidden_run(f32, entropy=False))
+        add(f"linear_token_logprobs {dn}, logp only", hidden_run(dt, entropy="none"))
+    add("linear_token_logprobs bf16, no bias, entropy returned unused", hidden_run(torch.bfloat16, bias=False,
+                                                                                  entropy="unused"))
     return out

@@ -28,9 +28,9 @@ once, so padding costs no matmul and its ids are never read. ``vocab_start`` (a 
 the first global id of this weight shard (0 without tensor parallelism).
 
 Precision: products accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` (full fp32
-products, as torch's default matmul), bf16/fp16 inputs run on tensor cores. ``d logits`` is
-rounded to the input dtype before the two backward matmuls (tensor cores need it), the
-accumulation stays fp32. Triton's interpreter multiplies bf16 ``tl.dot`` operands as integers, so
+products, as torch's default matmul), bf16/fp16 inputs run on tensor cores. ``d logits``, and
+the forward's ``exp(z - m)`` tile before ``P @ W``, are rounded to the input dtype before their
+matmuls (tensor cores need it), the accumulation stays fp32. Triton's interpreter multiplies bf16 ``tl.dot`` operands as integers, so
 there (``INTERPRETER_BF16``, never set on a GPU) bf16 tiles are upcast to fp32 first: the same
 values, exact products (fp16 runs its own path in the interpreter too).
 """
@@ -43,20 +43,22 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N tokens, BLOCK_V vocabulary, BLOCK_H hidden, warps) per kernel. The backward kernels add each
-# tile's product into an fp32 accumulator in memory (read, add, write): d hidden once per vocabulary
-# block, d weight once per token block, so their bytes fall as BLOCK_V (d hidden) and BLOCK_N
-# (d weight) grow: long, thin tiles there. fp32 products ("ieee") are FFMAs from registers, so fp32
-# takes small tiles, or it spills (benchmarks/gpu_compile.py checks every configuration).
+# (BLOCK_N tokens, BLOCK_V vocabulary, BLOCK_H hidden, warps) per kernel. The backward kernels, and the
+# forward that forms d logp / d hidden, add each tile's product into an fp32 accumulator in memory
+# (read, add, write): [N, H] rows once per vocabulary block, d weight once per token block, so their
+# bytes fall as BLOCK_V ([N, H]) and BLOCK_N (d weight) grow: long, thin tiles there. Both forwards
+# (with and without d logp / d hidden) take one tile: the same tiles sum the statistics in the same
+# order, so a no-grad call (old or reference log-probs) and the training call give bitwise the same
+# log-probs, and an on-policy ratio is exactly 1. fp32 products ("ieee") are FFMAs from registers,
+# so fp32 takes small tiles, or it spills (benchmarks/gpu_compile.py checks every configuration).
 BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
-    "16bit": {"fwd": (64, 128, 64, 8), "fwd_dh": (32, 256, 64, 8), "dh": (32, 256, 64, 8), "dw": (256, 32, 64, 8)},
-    "fp32": {"fwd": (32, 32, 32, 4), "fwd_dh": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
+    "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (256, 32, 64, 8)},
+    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
 }
 
 
 def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "fwd_dh" | "dh" | "dw"``) for ``dtype``
-    inputs; ``fwd_dh`` is the forward that also forms ``d logp / d hidden``."""
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw"``) for ``dtype`` inputs."""
     return BLOCKS["fp32" if dtype == torch.float32 else "16bit"][kernel]
 
 
@@ -96,9 +98,10 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh,
 
 @triton.jit
 def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
-                           INTERPRETER_BF16: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``acc[rows] = scale * acc[rows] + x @ weight[cols]`` in the fp32 ``[N, H]`` accumulator, ``BLOCK_H``
-    columns at a time: this program owns these rows (read, add, write; no atomics)."""
+                           RESCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``acc[rows] = scale * acc[rows] + x @ weight[cols]`` (``scale`` 1 without ``RESCALE``) in the fp32
+    ``[N, H]`` accumulator, ``BLOCK_H`` columns at a time: this program owns these rows (read, add,
+    write; no atomics)."""
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < H
@@ -108,7 +111,9 @@ def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok,
             w = w.to(tl.float32)
         at = acc_ptr + rows[:, None] * H + hk[None, :]
         keep = tok_ok[:, None] & hk_ok[None, :]
-        acc = tl.load(at, mask=keep, other=0.0) * scale[:, None]
+        acc = tl.load(at, mask=keep, other=0.0)
+        if RESCALE:
+            acc = acc * scale[:, None]
         acc = tl.dot(x, w, acc, input_precision="ieee")
         tl.store(at, acc, mask=keep)
 
@@ -170,7 +175,7 @@ def _linear_fwd_kernel(
                 if not INTERPRETER_BF16:
                     ex = ex.to(w_ptr.dtype.element_ty)
                 _add_rows_times_weight(dh_ptr, w_ptr, ex, alpha, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
-                                       INTERPRETER_BF16, BLOCK_H)
+                                       True, INTERPRETER_BF16, BLOCK_H)
         if HIDDEN_GRAD:
             _finish_logp_hidden_grad(dh_ptr, w_ptr, local, rows, tok_ok, s, sx, H, s_wv, s_wh, temperature, BLOCK_H)
         tl.store(m_ptr + rows, m, mask=tok_ok)
@@ -231,8 +236,8 @@ def _linear_dh_kernel(
             dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
             if not INTERPRETER_BF16:
                 dl = dl.to(w_ptr.dtype.element_ty)
-            _add_rows_times_weight(dh_ptr, w_ptr, dl, tl.full((BLOCK_N,), 1.0, tl.float32), rows, tok_ok, cols, col_ok,
-                                   H, s_wv, s_wh, INTERPRETER_BF16, BLOCK_H)
+            _add_rows_times_weight(dh_ptr, w_ptr, dl, m, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
+                                   False, INTERPRETER_BF16, BLOCK_H)
 
 
 @triton.jit
@@ -311,7 +316,7 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     dh = torch.zeros(hidden.shape if hidden_grad else (0,), dtype=torch.float32, device=dev)
     if N:
         order, count = pack_valid(valid)
-        bn, bv, bh, warps = blocks(hidden.dtype, "fwd_dh" if hidden_grad else "fwd")
+        bn, bv, bh, warps = blocks(hidden.dtype, "fwd")
         _linear_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
             dh if hidden_grad else m, *_launch_args(hidden, weight, ids), float(temperature),
@@ -324,29 +329,35 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  valid: torch.Tensor, vocab_start: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
                  entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float,
-                 hidden_grad_fp32: bool = False, dlogp_dh: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(d hidden, d weight, d bias or None)`` in the inputs' dtypes, from the global max ``m``,
-    ``log_s`` (``lse = m + log_s``) and ``entropy`` ``[N]``; ``d hidden`` stays fp32 with
-    ``hidden_grad_fp32`` (a vocabulary-parallel caller sums the shards before its one rounding).
+                 hidden_grad_fp32: bool = False, dlogp_dh: torch.Tensor | None = None, hidden_needed: bool = True,
+                 weight_needed: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes, from the global max ``m``, ``log_s``
+    (``lse = m + log_s``) and ``entropy`` ``[N]``; ``d hidden`` stays fp32 with ``hidden_grad_fp32``
+    (a vocabulary-parallel caller sums the shards before its one rounding).
 
     ``d hidden`` is this shard's contribution (a vocabulary-parallel caller sums it over ranks).
     With ``dlogp_dh`` (``linear_stats(hidden_grad=True)``), the log-prob's part of ``d hidden`` is
     ``g_logp * dlogp_dh`` and only an entropy gradient recomputes the logits for ``d hidden``.
+    What is not needed is None and costs nothing: ``hidden_needed=False`` (frozen hidden states)
+    skips ``d hidden``, ``weight_needed=False`` (a frozen head, as with LoRA) skips ``d weight`` and
+    ``d bias``, and with them the kernel that recomputes the logits for them.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     valid_g = torch.where(valid, g_logp, torch.zeros((), dtype=g_logp.dtype, device=dev)).float()
     has_ent = g_entropy is not None
-    if dlogp_dh is None:
-        dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
-    elif has_ent or hidden_grad_fp32:  # the entropy's part is added to it in fp32 below
-        dh = valid_g[:, None] * dlogp_dh
-    else:  # rounded once, straight into the gradient: no fp32 [N, H] temporary
-        dh = torch.mul(dlogp_dh, valid_g[:, None], out=torch.empty((N, H), dtype=hidden.dtype, device=dev))
-    dw = torch.zeros((V, H), dtype=torch.float32, device=dev)
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
+    dh = dw = db = None
+    if hidden_needed:
+        if dlogp_dh is None:
+            dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
+        elif has_ent or hidden_grad_fp32:  # the entropy's part is added to it in fp32 below
+            dh = valid_g[:, None] * dlogp_dh
+        else:  # rounded once, into the gradient (on CUDA no fp32 [N, H] temporary; the CPU makes one)
+            dh = torch.mul(dlogp_dh, valid_g[:, None], out=torch.empty((N, H), dtype=hidden.dtype, device=dev))
+    if weight_needed:
+        dw = torch.zeros((V, H), dtype=torch.float32, device=dev)
+        db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     if N:
         order, count = pack_valid(valid)
         g_ent = g_entropy.contiguous() if has_ent else valid_g
@@ -354,18 +365,19 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                   m.contiguous(), log_s.contiguous(), entropy.contiguous())
         flags = dict(HAS_BIAS=bias is not None, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
         args = (*_launch_args(hidden, weight, ids), float(temperature))
-        if dlogp_dh is None or has_ent:
+        if hidden_needed and (dlogp_dh is None or has_ent):
             # d hidden from recomputed logits: all of it, or (after the forward's log-prob part) the entropy's
             g_dh = valid_g if dlogp_dh is None else torch.zeros_like(valid_g)
             bn, bv, bh, warps = blocks(hidden.dtype, "dh")
             _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, g_dh, g_ent, dh, *args, **flags, HAS_ENT_GRAD=has_ent,
                                                      BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
-        bn, bv, bh, warps = blocks(hidden.dtype, "dw")
-        _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, valid_g, g_ent, dw, db if db is not None else dw, *args,
-                                                 **flags, HAS_ENT_GRAD=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                                                 num_warps=warps)
-    return (dh if hidden_grad_fp32 else dh.to(hidden.dtype), dw.to(weight.dtype),
-            db.to(bias.dtype) if bias is not None else None)
+        if weight_needed:
+            bn, bv, bh, warps = blocks(hidden.dtype, "dw")
+            _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, valid_g, g_ent, dw, db if db is not None else dw, *args,
+                                                     **flags, HAS_ENT_GRAD=has_ent, BLOCK_N=bn, BLOCK_V=bv,
+                                                     BLOCK_H=bh, num_warps=warps)
+    return (dh if dh is None or hidden_grad_fp32 else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
 
 def finish_stats(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zt: torch.Tensor

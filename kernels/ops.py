@@ -491,21 +491,23 @@ def _(hidden, weight, bias, ids, valid, vocab_start, temperature):
 @custom_op("rlloss::linear_grads", mutates_args=())
 def linear_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor, vocab_start: Tensor,
                  m: Tensor, log_s: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
-                 temperature: float, hidden_grad_fp32: bool = False, dlogp_dh: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d hidden, d weight, d bias)``; ``d bias`` is an empty tensor without a bias; ``d hidden`` fp32
-    with ``hidden_grad_fp32``; ``dlogp_dh`` the forward's ``d logp / d hidden`` or None."""
+                 temperature: float, hidden_grad_fp32: bool = False, dlogp_dh: Tensor | None = None,
+                 hidden_needed: bool = True, weight_needed: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d hidden, d weight, d bias)``; an empty tensor for each not needed (``d bias`` without a bias);
+    ``d hidden`` fp32 with ``hidden_grad_fp32``; ``dlogp_dh`` the forward's ``d logp / d hidden`` or None."""
     dh, dw, db = _linear.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp,
-                                      g_entropy, temperature, hidden_grad_fp32, dlogp_dh)
-    return dh, dw, db if db is not None else weight.new_empty(0)
+                                      g_entropy, temperature, hidden_grad_fp32, dlogp_dh, hidden_needed, weight_needed)
+    return tuple(weight.new_empty(0) if g is None else g for g in (dh, dw, db))  # distinct empties: no aliasing
 
 
 @linear_grads.register_fake
 def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature,
-      hidden_grad_fp32=False, dlogp_dh=None):
-    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    dh = hidden.new_empty(hidden.shape, dtype=torch.float32 if hidden_grad_fp32 else hidden.dtype)
-    return dh, torch.empty_like(weight, memory_format=torch.contiguous_format), db
+      hidden_grad_fp32=False, dlogp_dh=None, hidden_needed=True, weight_needed=True):
+    dh = hidden.new_empty(hidden.shape, dtype=torch.float32 if hidden_grad_fp32 else hidden.dtype) if hidden_needed \
+        else weight.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_needed else weight.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None and weight_needed else weight.new_empty(0)
+    return dh, dw, db
 
 
 @custom_op("rlloss::linear_token_logprobs", mutates_args=())
@@ -543,9 +545,12 @@ def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s, g_dlogp_dh):
     if g_logp is None:
         g_logp = torch.zeros_like(m)
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
+    # a frozen head (LoRA) or frozen hidden states: that gradient, and the recompute it needs, skipped
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, m, log_s, entropy, g_logp, g_entropy,
-                              ctx.temperature, False, dlogp_dh if ctx.hidden_grad else None)
-    return dh, dw, db if bias is not None else None, None, None, None, None
+                              ctx.temperature, False, dlogp_dh if ctx.hidden_grad else None, need_h, need_w)
+    return (dh if need_h else None, dw if need_w else None, db if bias is not None and need_w else None,
+            None, None, None, None)
 
 
 register_autograd("rlloss::linear_token_logprobs", _linear_grad, setup_context=_linear_setup)

@@ -198,9 +198,10 @@ def linear_token_logprobs_triton(hidden, weight, bias, ids, valid, temperature, 
     vocabulary-parallel group (``vocab_start``: this rank's first id).
 
     Unsharded, when ``hidden`` will receive a gradient and the entropy will not (``entropy_grad``
-    False), the forward also forms ``d logp / d hidden`` (fp32 ``[N, H]``, kept for backward, the size
-    of the ``d hidden`` accumulator it replaces): backward then recomputes the logits once, for
-    ``d weight``, instead of twice.
+    False), the forward also forms ``d logp / d hidden``: backward then recomputes the logits once,
+    for ``d weight``, instead of twice. That fp32 ``[N, H]`` has the size of the ``d hidden``
+    accumulator it replaces, but lives from the forward to the backward: several such losses alive
+    before one backward each hold one. The vocabulary-parallel path always recomputes.
     """
     if group is None:
         hidden_grad = _needs_grad(hidden) and not entropy_grad

@@ -152,6 +152,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     group: Any = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +186,12 @@ def linear_token_logprobs(
             False: outputs 0, gradient 0, the id is never read (padding may hold -100), and the
             Triton backend spends no matmul on the position.
         return_entropy: also return the entropy.
+        entropy_grad: whether the returned entropy carries a gradient. ``False`` returns it detached
+            (a metric, an entropy mask). With only the log-prob differentiated (that, or
+            ``return_entropy=False``) and no ``group``, the Triton backend forms ``d logp / d hidden``
+            in its forward pass, so backward recomputes the logits once (for ``d weight``) instead
+            of twice: 4 matmuls over the head, not 5. Its fp32 ``[N, H]`` replaces the ``d hidden``
+            accumulator but is held from the forward to the backward.
         group: None (one unsharded LM head), or the ``torch.distributed`` group of a
             vocabulary-parallel head (Megatron layout: rank ``r`` holds rows ``[start_r, start_r +
             V_r)`` of the full weight, in rank order; shards may differ in size). Every rank
@@ -197,10 +204,11 @@ def linear_token_logprobs(
     Returns:
         ``logp`` fp32 (fp64 for fp64 inputs), shaped as ``ids``, or ``(logp, entropy)``.
     """
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
+    for name, flag in (("return_entropy", return_entropy), ("entropy_grad", entropy_grad)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     logp, entropy = _logprobs_and_entropy(hidden, weight, ids, bias, temperature, mask, group, backend,
-                                          entropy_grad=return_entropy)
+                                          entropy_grad=return_entropy and entropy_grad)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -208,8 +216,8 @@ def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
                           temperature: float, mask: torch.Tensor | None, group: Any, backend: str, *,
                           entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear_token_logprobs``'s ``(logp, entropy)``, validated and dispatched. ``entropy_grad``: the
-    entropy may carry a gradient; when it cannot, the Triton backend forms ``d logp / d hidden`` in
-    its forward pass (4 matmuls over the head, not 5)."""
+    entropy may carry a gradient; else it is returned detached, and the Triton backend forms
+    ``d logp / d hidden`` in its forward pass (4 matmuls over the head, not 5)."""
     valid = _check_hidden_inputs(hidden, weight, ids, bias, mask)
     check_number("temperature", temperature, low=0, low_inclusive=False)
     chosen = resolve_backend(backend, hidden, weight, ids, bias)
@@ -228,6 +236,8 @@ def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
                                                      entropy_grad)
     else:
         logp, entropy = _linear_token_logprobs_torch(h2, weight, bias, ids1, valid1, temperature, group, vocab_start)
+    if not entropy_grad:  # the promise that lets the forward form d logp / d hidden, kept on both backends
+        entropy = entropy.detach()
     return logp.reshape(shape), entropy.reshape(shape)
 
 
@@ -248,7 +258,8 @@ def policy_loss_from_hidden(
 ) -> PolicyLoss:
     r"""``policy_loss`` of the sampled tokens' log-probs computed from hidden states, with an entropy bonus.
 
-    ``logp, H = linear_token_logprobs(hidden, weight, ids, mask=mask, return_entropy=True, ...)``,
+    ``logp, H = linear_token_logprobs(hidden, weight, ids, mask=mask, return_entropy=True,
+    entropy_grad=entropy_coef != 0, ...)``,
     then ``policy_loss(logp, old_logp, adv, mask, **loss_options)`` (every option: objectives,
     clip range, KL, token weights, aggregation, global counts, ``dp_size``) minus
     ``entropy_coef`` times the entropy aggregated with the same aggregation and counts (verl's

@@ -92,25 +92,33 @@ def expected(hidden, weight, bias, ids, mask, temperature, gl, ge):
     return logp.detach(), ent.detach(), grads, z_scale, scales
 
 
-def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy=True):
-    """Outputs and gradients; ``return_entropy=False`` (log-prob gradient only) is the path whose
-    Triton forward forms ``d logp / d hidden`` itself (``ent`` is then None)."""
+# the entropy differentiated; returned differentiable but unused (backward gets no entropy gradient);
+# returned detached (entropy_grad=False); not returned
+ENTROPY_KINDS = ("grad", "unused", "metric", "none")
+
+
+def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad"):
+    """Outputs and gradients. ``entropy="metric"`` (``entropy_grad=False``) and ``"none"`` (no entropy
+    returned) leave the log-prob the only gradient: the path whose Triton forward forms
+    ``d logp / d hidden`` itself (``ent`` is None for ``"none"``)."""
     h, w, b = leaves(hidden, weight, bias)
     out = rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=temperature, mask=mask,
-                                       return_entropy=return_entropy, backend=backend)
-    logp, ent = out if return_entropy else (out, None)
-    grads = grads_of((logp * gl).sum() + (ent * ge).sum() if return_entropy else (logp * gl).sum(), [h, w, b])
-    return logp.detach(), ent.detach() if return_entropy else None, grads
+                                       return_entropy=entropy != "none", entropy_grad=entropy in ("grad", "unused"),
+                                       backend=backend)
+    logp, ent = out if entropy != "none" else (out, None)
+    assert ent is None or ent.requires_grad == (entropy in ("grad", "unused"))
+    grads = grads_of((logp * gl).sum() + ((ent * ge).sum() if entropy == "grad" else 0), [h, w, b])
+    return logp.detach(), None if ent is None else ent.detach(), grads
 
 
-def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy=True):
+def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad"):
     dtype = hidden.dtype
-    if not return_entropy:
+    if entropy != "grad":
         ge = torch.zeros_like(ge)
     want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, bias, ids, mask, temperature, gl, ge)
-    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, return_entropy)
+    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy)
     assert_close(logp, want_logp, torch.float32, scale=z_scale, what="logp")
-    if return_entropy:
+    if ent is not None:
         assert_close(ent, want_ent, torch.float32, scale=z_scale, what="entropy")
         assert bool((ent[~mask] == 0).all())
     assert bool((logp <= 0).all()), "a log-probability above 0"
@@ -139,8 +147,9 @@ def test_matches_token_logprobs_on_materialised_logits(n, h, v, dtype, temperatu
                                                        seed, backend):
     hidden, weight, b, ids, mask = make_head(n, h, v, dtype, seed, bias=bias, mask_kind=mask_kind, strided=strided)
     gl, ge = upstream(n, which, seed, strided)
-    # a log-prob gradient alone is asked for without the entropy: the path that forms d hidden in the forward
-    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend, return_entropy=which != "logp")
+    # a log-prob gradient alone: the entropy not returned, or returned as a metric (the forward forms d hidden)
+    entropy = "grad" if which != "logp" else ENTROPY_KINDS[1 + seed % 3]
+    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend, entropy)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,7 +159,8 @@ def test_very_negative_logits_give_correct_never_positive_logp(backend, dtype):
     hidden, weight, b, ids, mask = make_head(37, 33, 301, dtype, 3, bias=True, logit_shift=-1e4)
     gl, ge = upstream(37, "both", 3, False)
     check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
-    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, return_entropy=False)
+    for entropy in ENTROPY_KINDS[1:]:
+        check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, entropy)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,7 +171,8 @@ def test_peaked_rows(backend):
     logp = rlloss.linear_token_logprobs(hidden, weight, ids, bias=b, backend=backend)
     assert bool((torch.exp(logp) > 1 - 1e-6).all()) and bool((logp <= 0).all())
     check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend)
-    check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, return_entropy=False)
+    for entropy in ENTROPY_KINDS[1:]:
+        check_against_logits(hidden, weight, b, ids, mask, 1.0, gl, ge, backend, entropy)
 
 
 @needs_triton
@@ -169,11 +180,11 @@ def test_peaked_rows(backend):
 def test_triton_is_bitwise_deterministic(dtype):
     hidden, weight, b, ids, mask = make_head(150, 65, 301, dtype, 5, bias=True, mask_kind="random")
     gl, ge = upstream(150, "both", 5, False)
-    for return_entropy in (True, False):
-        first = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", return_entropy)
-        second = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", return_entropy)
+    for entropy in ENTROPY_KINDS:
+        first = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", entropy)
+        second = run(hidden, weight, b, ids, mask, 0.8, gl, ge, "triton", entropy)
         assert torch.equal(first[0], second[0])
-        assert not return_entropy or torch.equal(first[1], second[1])
+        assert entropy == "none" or torch.equal(first[1], second[1])
         for a, c in zip(first[2], second[2]):
             assert torch.equal(a, c)
 
@@ -259,6 +270,8 @@ def test_bias_and_temperature_are_applied_as_the_spec_says():
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w.to("meta"), i), ValueError, "weight on meta"),
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, bias=torch.zeros(3)), ValueError, "bias"),
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, temperature=0.0), ValueError, "temperature"),
+        (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, return_entropy=True, entropy_grad=None), TypeError,
+         "entropy_grad"),
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i + 100), ValueError, "ids"),
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i - 100), ValueError, "ids"),
         (lambda h, w, i: rlloss.linear_token_logprobs(h, w, i, mask=torch.ones(2, 2, dtype=torch.bool)),
@@ -291,13 +304,15 @@ def test_out_of_range_ids_where_masked_are_never_read():
 
 
 @needs_triton
-def test_compiles_with_fullgraph():
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_compiles_with_fullgraph(entropy_grad):
+    # entropy_grad=False: the forward that forms d logp / d hidden, traced
     hidden, weight, b, ids, mask = make_head(20, 9, 40, torch.float32, 9, bias=True, mask_kind="random")
     h, w, bb = leaves(hidden, weight, b)
 
     def f(h, w, bb):
         logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
-                                                 backend="triton")
+                                                 entropy_grad=entropy_grad, backend="triton")
         return (logp * 2).sum() + ent.sum()
 
     torch._dynamo.reset()
@@ -380,14 +395,11 @@ def test_benchmark_contenders_compute_the_same_values_and_gradients():
     names = [n for n in bench_hidden.CONTENDERS if n not in bench_hidden.FUSED or triton_runs_here()]
     names = [n for n in names if n != "trl-1.16" or _trl_imports()]
     for name in names:
-        logp_only = name in bench_hidden.LOGP_ONLY  # its entropy is 0 and carries no gradient
-        g_ent = torch.zeros_like(ge) if logp_only else ge
+        # a log-prob-only contender's entropy carries no gradient: compared with the reference's without one
+        g_ent = torch.zeros_like(ge) if name in bench_hidden.LOGP_ONLY else ge
         want = bench_hidden.step(bench_hidden.build("rlloss-torch"), hidden, weight, ids, gl, g_ent)
         got = bench_hidden.step(bench_hidden.build(name), hidden, weight, ids, gl, g_ent)
         for what, a, e in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
-            if what == "entropy" and logp_only:
-                assert bool((a == 0).all())
-                continue
             assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=f"{name} {what}")
 
 
@@ -491,3 +503,93 @@ def test_forward_d_hidden_plus_recomputed_entropy_part_is_the_recomputed_whole()
         split = ops.linear_grads(hidden, weight, b, ids, mask, start, m, log_s, ent, gl, g_ent, 0.8, False, dlogp_dh)
         assert torch.equal(whole[1], split[1]) and torch.equal(whole[2], split[2])  # d weight, d bias: one kernel
         assert_close(split[0], whole[0], torch.float32, scale=float(whole[0].abs().max()), what="d hidden")
+
+
+# --- which kernels run: the log-prob-only forward, frozen parameters ----------------------------------------
+
+
+class _Launches:
+    """Records the from-hidden kernels launched (name, HIDDEN_GRAD) while installed in place of them."""
+
+    NAMES = ("_linear_fwd_kernel", "_linear_dh_kernel", "_linear_dw_kernel")
+
+    def __init__(self, monkeypatch):
+        from rlloss.kernels import linear_logprobs
+
+        self.seen: list[tuple[str, bool | None]] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(linear_logprobs, name, self._spy(getattr(linear_logprobs, name), name))
+
+    def _spy(self, kernel, name):
+        seen = self.seen
+
+        class Spy:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    seen.append((name[8:-7], kwargs.get("HIDDEN_GRAD")))
+                    return launch(*args, **kwargs)
+                return run
+        return Spy()
+
+
+@needs_triton
+@pytest.mark.parametrize("case, want", [
+    ("logp", [("fwd", True), ("dw", None)]),
+    ("entropy metric", [("fwd", True), ("dw", None)]),
+    ("entropy grad", [("fwd", False), ("dh", None), ("dw", None)]),
+    ("entropy returned, unused", [("fwd", False), ("dh", None), ("dw", None)]),
+    ("no_grad", [("fwd", False)]),
+    ("frozen head", [("fwd", True)]),
+    ("frozen hidden", [("fwd", False), ("dw", None)]),
+    ("loss, entropy_coef=0", [("fwd", True), ("dw", None)]),
+    ("loss, entropy_coef>0", [("fwd", False), ("dh", None), ("dw", None)]),
+])
+def test_each_call_runs_the_kernels_it_needs_and_the_gradients_it_asks_for(monkeypatch, case, want):
+    # only the log-prob differentiated: the forward forms d logp / d hidden, backward recomputes once
+    # (d weight); what is frozen costs no kernel; the values and gradients are the reference's either way
+    hidden, weight, b, ids, mask = make_head(40, 17, 301, torch.float32, 16, bias=False, mask_kind="random")
+    gen = torch.Generator().manual_seed(16)
+    old, adv = torch.randn(1, 40, generator=gen) - 2, torch.randn(1, generator=gen)
+
+    def call(backend):
+        h = hidden.clone().requires_grad_(case != "frozen hidden")
+        w = weight.clone().requires_grad_(case != "frozen head")
+        leaves = [x for x in (h, w) if x.requires_grad]
+        if case == "no_grad":
+            with torch.no_grad():
+                return [rlloss.linear_token_logprobs(h, w, ids, mask=mask, backend=backend)]
+        if case.startswith("loss"):
+            coef = 0.0 if case.endswith("=0") else 0.1
+            out = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, entropy_coef=coef, backend=backend)
+            return [out.loss.detach(), *torch.autograd.grad(out.loss, leaves)]
+        kind = {"entropy metric": "metric", "entropy grad": "grad", "entropy returned, unused": "grad"}.get(case)
+        out = rlloss.linear_token_logprobs(h, w, ids, mask=mask, return_entropy=kind is not None,
+                                           entropy_grad=kind == "grad", backend=backend)
+        logp, ent = out if kind else (out, None)
+        loss = (logp * 1.5).sum() + (ent.sum() if case == "entropy grad" else 0)
+        return [logp.detach(), *torch.autograd.grad(loss, leaves)]
+
+    want_values = call("torch")
+    launches = _Launches(monkeypatch)
+    got = call("triton")
+    assert launches.seen == want, f"{case}: launched {launches.seen}"
+    for a, e in zip(got, want_values, strict=True):
+        assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=case)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_probs_are_bitwise_the_same_whether_or_not_a_gradient_follows(dtype):
+    # the old and reference log-probs come from no-grad calls, the training call takes the forward that
+    # forms d logp / d hidden: the same tiles, the same sums, so an on-policy ratio is exactly 1
+    hidden, weight, b, ids, mask = make_head(70, 33, 1031, dtype, 17, bias=True, mask_kind="random")
+    with torch.no_grad():
+        plain, plain_ent = rlloss.linear_token_logprobs(hidden, weight, ids, bias=b, mask=mask, return_entropy=True,
+                                                        backend="triton")
+    for entropy_grad in (False, True):
+        h, w, bb = leaves(hidden, weight, b)
+        logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
+                                                 entropy_grad=entropy_grad, backend="triton")
+        assert torch.equal(logp.detach(), plain) and torch.equal(ent.detach(), plain_ent)

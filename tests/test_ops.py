@@ -150,6 +150,10 @@ def linear_cases():
     yield "forward-dh", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, None, 0.9, False, dlogp_dh)
     yield "forward-dh+entropy", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False,
                                                    dlogp_dh)
+    yield "frozen-head", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False, None, True,
+                                            False)
+    yield "frozen-hidden", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False, None,
+                                              False, True)
 
 
 CASES = list(policy_loss_cases()) + list(other_cases()) + list(linear_cases())
