@@ -246,14 +246,15 @@ def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = N
                               BF16 * min(n, tn) * tv + 4.0 * n * h + 4.0 * v * h + 4 * 7 * n, 4 * cublas)
     out["rlloss-torch"] = Counted(3 * mm, out["eager"].bytes + 8.0 * nv, 26.0 * nv, 3 * cublas)  # fp32 logits
     b = BLOCKS["16bit"]
-    fwd, dh, dw = (b[k][:2] for k in ("fwd", "dh", "dw"))
+    fwd, dh, dw, dw_ent = (b[k][:2] for k in ("fwd", "dh", "dw", "dw_ent"))
     # per pass: the logits tile's operands; then d hidden's (P @ W, d logits @ W) re-read weight rows
     # per token block, d weight's (d logits^T @ hidden) re-reads hidden rows per vocabulary block
     l2_dh = operand_l2_bytes(n, v, h, *dh) + BF16 * v * h * -(-n // dh[0])
     l2_dw = operand_l2_bytes(n, v, h, *dw) + BF16 * n * h * -(-v // dw[1])
+    l2_dw_ent = operand_l2_bytes(n, v, h, *dw_ent) + BF16 * n * h * -(-v // dw_ent[1])
     out["rlloss-fused"] = Counted(5 * mm, 3 * inputs + grads_out + acc_rmw(n, h, -(-v // dh[1]))
-                                  + acc_rmw(v, h, -(-n // dw[0])) + 4 * 8 * n,
-                                  fused_extra_bytes(n, v, h), operand_l2_bytes(n, v, h, *fwd) + l2_dh + l2_dw)
+                                  + acc_rmw(v, h, -(-n // dw_ent[0])) + 4 * 8 * n,
+                                  fused_extra_bytes(n, v, h), operand_l2_bytes(n, v, h, *fwd) + l2_dh + l2_dw_ent)
     # the forward adds P @ W into its fp32 [N, H] rows per vocabulary block; backward reads it once
     out["rlloss-fused-logp"] = Counted(
         4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd[1])) + 4.0 * n * h

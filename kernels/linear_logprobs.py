@@ -49,16 +49,19 @@ import triton.language as tl
 # bytes fall as BLOCK_V ([N, H]) and BLOCK_N (d weight) grow: long, thin tiles there. Both forwards
 # (with and without d logp / d hidden) take one tile: the same tiles sum the statistics in the same
 # order, so a no-grad call (old or reference log-probs) and the training call give bitwise the same
-# log-probs, and an on-policy ratio is exactly 1. fp32 products ("ieee") are FFMAs from registers,
-# so fp32 takes small tiles, or it spills (benchmarks/gpu_compile.py checks every configuration).
+# log-probs, and an on-policy ratio is exactly 1. d weight without the entropy's terms ("dw") has
+# the registers for 512 tokens per tile; with them ("dw_ent") it spills there. fp32 products ("ieee")
+# are FFMAs from registers, so fp32 takes small tiles, or it spills (benchmarks/gpu_compile.py
+# checks every configuration).
 BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
-    "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (256, 32, 64, 8)},
-    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4)},
+    "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (512, 32, 32, 8), "dw_ent": (256, 32, 64, 8)},
+    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4), "dw_ent": (32, 32, 32, 4)},
 }
 
 
 def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw"``) for ``dtype`` inputs."""
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw" | "dw_ent"``) for
+    ``dtype`` inputs."""
     return BLOCKS["fp32" if dtype == torch.float32 else "16bit"][kernel]
 
 
@@ -372,7 +375,7 @@ def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, g_dh, g_ent, dh, *args, **flags, HAS_ENT_GRAD=has_ent,
                                                      BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
         if weight_needed:
-            bn, bv, bh, warps = blocks(hidden.dtype, "dw")
+            bn, bv, bh, warps = blocks(hidden.dtype, "dw_ent" if has_ent else "dw")
             _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, valid_g, g_ent, dw, db if db is not None else dw, *args,
                                                      **flags, HAS_ENT_GRAD=has_ent, BLOCK_N=bn, BLOCK_V=bv,
                                                      BLOCK_H=bh, num_warps=warps)
