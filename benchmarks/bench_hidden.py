@@ -1,7 +1,7 @@
 """The loss from hidden states: log-probs and entropy of ``hidden @ weight.T``, forward and backward.
 
 Contenders (bf16 hidden ``[N, H]`` and LM head ``[V, H]``, entropy and log-prob both carrying gradient
-but in ``rlloss-fused-logp``):
+except in ``rlloss-fused-logp``):
 
 * ``eager``: ``hidden @ weight.T``, ``log_softmax`` in fp32, gather, entropy: the ``[N, V]`` logits
   and their fp32 companions live through backward.

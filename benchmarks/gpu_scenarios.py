@@ -274,6 +274,9 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
     for dn, dt in dtypes.items():
         add(f"linear_token_logprobs H=4096 V=1000 {dn}", hidden_run(dt))
         add(f"linear_token_logprobs {dn}, logp only", hidden_run(dt, entropy="none"))
+    for entropy in ("grad", "none"):  # heads without a bias (Qwen, Llama): their own specialisations
+        add(f"linear_token_logprobs bf16, no bias, entropy {entropy}", hidden_run(torch.bfloat16, bias=False,
+                                                                                 entropy=entropy))
     add("linear_token_logprobs bf16, no bias, entropy returned unused", hidden_run(torch.bfloat16, bias=False,
                                                                                   entropy="unused"))
     return out

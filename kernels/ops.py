@@ -549,8 +549,9 @@ def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s, g_dlogp_dh):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, m, log_s, entropy, g_logp, g_entropy,
                               ctx.temperature, False, dlogp_dh if ctx.hidden_grad else None, need_h, need_w)
-    return (dh if need_h else None, dw if need_w else None, db if bias is not None and need_w else None,
-            None, None, None, None)
+    # a frozen weight with a trainable bias: d bias needs the d weight kernel, whose d weight is dropped
+    return (dh if need_h else None, dw if ctx.needs_input_grad[1] else None,
+            db if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 register_autograd("rlloss::linear_token_logprobs", _linear_grad, setup_context=_linear_setup)

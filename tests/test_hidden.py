@@ -593,3 +593,19 @@ def test_log_probs_are_bitwise_the_same_whether_or_not_a_gradient_follows(dtype)
         logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
                                                  entropy_grad=entropy_grad, backend="triton")
         assert torch.equal(logp.detach(), plain) and torch.equal(ent.detach(), plain_ent)
+
+
+@needs_triton
+def test_a_frozen_weight_with_a_trainable_bias_gets_only_the_bias_gradient():
+    hidden, weight, b, ids, mask = make_head(40, 17, 301, torch.bfloat16, 18, bias=True, mask_kind="random")
+    gl, _ = upstream(40, "logp", 18, False)
+    grads = {}
+    for backend in ("torch", "triton"):
+        h, bb = hidden.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        w = weight.clone()  # frozen
+        logp = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, backend=backend)
+        (logp * gl).sum().backward()
+        assert w.grad is None and h.grad.dtype == hidden.dtype and bb.grad.dtype == b.dtype
+        grads[backend] = (h.grad.float(), bb.grad.float())
+    for what, got, want in zip(("d hidden", "d bias"), grads["triton"], grads["torch"]):
+        assert_close(got, want, torch.bfloat16, scale=float(want.abs().max()) + 1.0, what=what)

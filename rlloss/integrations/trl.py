@@ -362,7 +362,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             logp, entropies = rlloss.linear_token_logprobs(
                 hidden, weight, completion_ids.to(weight.device), bias=bias, temperature=self.temperature,
                 mask=valid.to(weight.device), return_entropy=True, backend=self.rlloss_backend,
-                entropy_grad=self._entropy_bonus_enabled)  # else a metric and a mask: one recompute fewer
+                entropy_grad=bool(self._entropy_bonus_enabled))  # else a metric and a mask: one recompute fewer
         return logp, entropies, (outputs.aux_loss if compute_aux_loss else None)
 
     def _vllm_is(self) -> bool:
