@@ -30,9 +30,10 @@ the first global id of this weight shard (0 without tensor parallelism).
 Precision: products accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` (full fp32
 products, as torch's default matmul), bf16/fp16 inputs run on tensor cores. ``d logits``, and
 the forward's ``exp(z - m)`` tile before ``P @ W``, are rounded to the input dtype before their
-matmuls (tensor cores need it), the accumulation stays fp32. Triton's interpreter multiplies bf16 ``tl.dot`` operands as integers, so
-there (``INTERPRETER_BF16``, never set on a GPU) bf16 tiles are upcast to fp32 first: the same
-values, exact products (fp16 runs its own path in the interpreter too).
+matmuls (tensor cores need it), the accumulation stays fp32. Triton's interpreter multiplies bf16
+``tl.dot`` operands as integers, so there (``INTERPRETER_BF16``, never set on a GPU) bf16 tiles
+are upcast to fp32 first: the same values, exact products (fp16 runs its own path in the
+interpreter too).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok,
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < H
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh, mask=col_ok[:, None] & hk_ok[None, :],
-                    other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh,
+                    mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
         if INTERPRETER_BF16:
             w = w.to(tl.float32)
         at = acc_ptr + rows[:, None] * H + hk[None, :]
