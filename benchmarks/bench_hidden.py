@@ -255,9 +255,10 @@ def designs(n: int, v: int, h: int, bytes_per_logit: dict[str, float] | None = N
     out["rlloss-fused"] = Counted(5 * mm, 3 * inputs + grads_out + acc_rmw(n, h, -(-v // dh[1]))
                                   + acc_rmw(v, h, -(-n // dw_ent[0])) + 4 * 8 * n,
                                   fused_extra_bytes(n, v, h), operand_l2_bytes(n, v, h, *fwd) + l2_dh + l2_dw_ent)
-    # the forward adds P @ W into its fp32 [N, H] rows per vocabulary block; backward reads it once
+    # the forward adds P @ W into its fp32 [N, H] rows per vocabulary block, the finish reads them, the
+    # target's weight row and writes them once; backward reads them once
     out["rlloss-fused-logp"] = Counted(
-        4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd[1])) + 4.0 * n * h
+        4 * mm, 2 * inputs + grads_out + acc_rmw(n, h, -(-v // fwd[1])) + (8.0 + BF16) * n * h + 4.0 * n * h
         + acc_rmw(v, h, -(-n // dw[0])) + 4 * 8 * n, fused_extra_bytes(n, v, h),
         operand_l2_bytes(n, v, h, *fwd) + BF16 * v * h * -(-n // fwd[0]) + l2_dw)
     for name, k in (bytes_per_logit or {}).items():

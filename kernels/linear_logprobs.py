@@ -10,8 +10,10 @@ then ``token_logprobs``) without ever writing a tile of logits to memory:
   no digits) and the target logit, picked out of the same tile (so ``logp <= 0`` always).
   With ``HIDDEN_GRAD`` (only the log-prob will carry a gradient) it also adds ``exp(z - m) @ weight``
   over the other tokens into its own fp32 rows, rescaled as ``s`` is (flash attention's ``P @ V``),
-  and ends with ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T``:
-  backward then scales those rows by the upstream gradient, with no matmul for ``d hidden``.
+  and the other tokens' mass ``sx``; ``_linear_finish_kernel`` (after the shards' statistics are
+  combined, with ``group``) makes them ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id}
+  p_v weight[v]) / T``: backward then scales those rows by the upstream gradient, with no matmul
+  for ``d hidden``.
 * ``_linear_dh_kernel``: one program per token block recomputes its logits tiles, forms
   ``d logits`` in registers and adds ``d logits @ weight`` into its own rows of an fp32 ``d hidden``
   accumulator (all of ``d hidden``, or the entropy's part after a ``HIDDEN_GRAD`` forward).
@@ -58,6 +60,9 @@ BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
     "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (512, 32, 32, 8), "dw_ent": (256, 32, 64, 8)},
     "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4), "dw_ent": (32, 32, 32, 4)},
 }
+
+
+FINISH_BLOCKS = (16, 128)  # (rows, hidden columns) per step of the elementwise finish
 
 
 def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
@@ -123,27 +128,33 @@ def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok,
 
 
 @triton.jit
-def _finish_logp_hidden_grad(dh_ptr, w_ptr, local, rows, tok_ok, s, sx, H, s_wv, s_wh, temperature,
-                             BLOCK_H: tl.constexpr):
-    """``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T`` in place of the sum.
-
-    ``1 - p_id = sx / s``: the other tokens' mass, summed directly, never ``1 - p`` rounded near 1.
-    """
-    one_minus_p = sx / s
-    local = tl.where(tok_ok, local, 0)  # never an address from a padding id, even masked
+def _linear_finish_kernel(acc_ptr, w_ptr, ids_ptr, start_ptr, coef_ptr, omp_ptr, N, H, s_wv, s_wh, s_ids,
+                          inv_temperature, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``acc = (omp * weight[id - start] + coef * acc) / T`` per row, in place: ``d logp / d hidden``
+    from the forward's ``sum_{v != id} exp(z - m) weight[v]``, with ``coef = -exp(m - M) / S`` and
+    ``omp = 1 - p_id`` where this shard holds the id (0 elsewhere: no ``weight`` row is read there)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    coef = tl.load(coef_ptr + rows, mask=ok, other=0.0)
+    omp = tl.load(omp_ptr + rows, mask=ok, other=0.0)
+    own = ok & (omp != 0.0)  # p_id = 1 exactly has no weight term either
+    local = tl.load(ids_ptr + rows.to(tl.int64) * s_ids, mask=own, other=0).to(tl.int64) - tl.load(start_ptr)
+    local = tl.where(own, local, 0)  # never an address from a padding id, even masked
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
-        keep = tok_ok[:, None] & (hk < H)[None, :]
-        at = dh_ptr + rows[:, None] * H + hk[None, :]
-        w_id = tl.load(w_ptr + local[:, None] * s_wv + hk[None, :] * s_wh, mask=keep, other=0.0).to(tl.float32)
-        rest = tl.load(at, mask=keep, other=0.0)
-        tl.store(at, (one_minus_p[:, None] * w_id - rest / s[:, None]) / temperature, mask=keep)
+        hk_ok = (hk < H)[None, :]
+        at = acc_ptr + rows.to(tl.int64)[:, None] * H + hk[None, :]
+        w_id = tl.load(w_ptr + local[:, None] * s_wv + hk[None, :] * s_wh, mask=own[:, None] & hk_ok,
+                       other=0.0).to(tl.float32)
+        rest = tl.load(at, mask=ok[:, None] & hk_ok, other=0.0)
+        # times 1 / T: a division's slow path would take a stack frame (local memory) on the GPU
+        tl.store(at, (omp[:, None] * w_id + coef[:, None] * rest) * inv_temperature, mask=ok[:, None] & hk_ok)
 
 
 @triton.jit
 def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    m_ptr, s_ptr, u_ptr, zt_ptr, dh_ptr,
+    m_ptr, s_ptr, u_ptr, zt_ptr, acc_ptr, sx_ptr,
     V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
     HAS_BIAS: tl.constexpr, HIDDEN_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -178,10 +189,10 @@ def _linear_fwd_kernel(
                 sx = sx * alpha + tl.sum(ex, axis=1)
                 if not INTERPRETER_BF16:
                     ex = ex.to(w_ptr.dtype.element_ty)
-                _add_rows_times_weight(dh_ptr, w_ptr, ex, alpha, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
+                _add_rows_times_weight(acc_ptr, w_ptr, ex, alpha, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
                                        True, INTERPRETER_BF16, BLOCK_H)
         if HIDDEN_GRAD:
-            _finish_logp_hidden_grad(dh_ptr, w_ptr, local, rows, tok_ok, s, sx, H, s_wv, s_wh, temperature, BLOCK_H)
+            tl.store(sx_ptr + rows, sx, mask=tok_ok)
         tl.store(m_ptr + rows, m, mask=tok_ok)
         tl.store(s_ptr + rows, s, mask=tok_ok)
         tl.store(u_ptr + rows, u, mask=tok_ok)
@@ -301,15 +312,16 @@ def _launch_args(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) 
 
 def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  valid: torch.Tensor, vocab_start: torch.Tensor, temperature: float, hidden_grad: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``(m, s, u, zt, dlogp_dh)`` over this weight shard: ``m, s, u, zt`` fp32 ``[N]``,
+                 ) -> tuple[torch.Tensor, ...]:
+    """Per-token ``(m, s, u, zt, acc, sx)`` over this weight shard: ``m, s, u, zt`` fp32 ``[N]``,
     ``(0, 1, 0, 0)`` where not valid.
 
     ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` (any strides), ``ids`` ``[N]`` global ids,
     ``valid`` bool ``[N]``, ``vocab_start`` int64 ``[1]``. ``zt`` is 0 where the id is outside the shard.
-    ``dlogp_dh``: with ``hidden_grad`` (an unsharded head), ``d logp / d hidden`` fp32 ``[N, H]`` (0
-    where not valid), formed in the same pass (one more matmul, ``P @ W``); backward then scales its
-    rows by the upstream gradient instead of recomputing the logits for ``d hidden``. Else ``[0]``.
+    With ``hidden_grad``, in the same pass (one more matmul, ``P @ W``): ``acc`` fp32 ``[N, H]``, the
+    sum over this shard's tokens other than the id of ``exp(z - m) weight[v]``, and ``sx`` fp32
+    ``[N]``, the sum of their ``exp(z - m)`` (0 where not valid); ``finish_logp_hidden_grad`` turns
+    them into ``d logp / d hidden``. Else both ``[0]``.
     """
     N = hidden.shape[0]
     dev = hidden.device
@@ -317,17 +329,37 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     s = torch.ones(N, dtype=torch.float32, device=dev)
     u = torch.zeros(N, dtype=torch.float32, device=dev)
     zt = torch.zeros(N, dtype=torch.float32, device=dev)
-    dh = torch.zeros(hidden.shape if hidden_grad else (0,), dtype=torch.float32, device=dev)
+    acc = torch.zeros(hidden.shape if hidden_grad else (0,), dtype=torch.float32, device=dev)
+    sx = torch.zeros(N if hidden_grad else 0, dtype=torch.float32, device=dev)
     if N:
         order, count = pack_valid(valid)
         bn, bv, bh, warps = blocks(hidden.dtype, "fwd")
         _linear_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
-            dh if hidden_grad else m, *_launch_args(hidden, weight, ids), float(temperature),
-            HAS_BIAS=bias is not None, HIDDEN_GRAD=hidden_grad, INTERPRETER_BF16=interpreter_bf16(hidden.dtype),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
+            acc if hidden_grad else m, sx if hidden_grad else m, *_launch_args(hidden, weight, ids),
+            float(temperature), HAS_BIAS=bias is not None, HIDDEN_GRAD=hidden_grad,
+            INTERPRETER_BF16=interpreter_bf16(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
         )
-    return m, s, u, zt, dh
+    return m, s, u, zt, acc, sx
+
+
+def finish_logp_hidden_grad(acc: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, vocab_start: torch.Tensor,
+                            coef: torch.Tensor, one_minus_p: torch.Tensor, temperature: float) -> None:
+    """``acc = (one_minus_p * weight[ids - vocab_start] + coef * acc) / T``, in place, row by row.
+
+    With ``acc`` from ``linear_stats(hidden_grad=True)``, ``coef = -exp(m - M) / S`` (``M``, ``S`` the
+    max and the sum of ``exp(z - M)`` over the whole vocabulary) and ``one_minus_p = 1 - p_id`` where
+    this shard holds the id (0 elsewhere and where not valid: ``coef`` 0 there too), this is the
+    shard's part of ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T``.
+    ``1 - p_id`` is the other tokens' mass summed directly, never ``1 - p`` rounded near 1.
+    """
+    N, H = acc.shape if acc.dim() == 2 else (0, 0)
+    if N:
+        bn, bh = FINISH_BLOCKS
+        _linear_finish_kernel[(triton.cdiv(N, bn),)](acc, weight, ids, vocab_start, coef.contiguous(),
+                                                     one_minus_p.contiguous(), N, H, weight.stride(0),
+                                                     weight.stride(1), ids.stride(0), 1.0 / float(temperature),
+                                                     BLOCK_N=bn, BLOCK_H=bh)
 
 
 def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,

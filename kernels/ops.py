@@ -477,15 +477,31 @@ register_autograd("rlloss::policy_loss_from_logits", _from_logits_grad, setup_co
 
 @custom_op("rlloss::linear_stats", mutates_args=())
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
-                 vocab_start: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token ``(m, s, u, zt)`` over one weight shard (see ``linear_logprobs.linear_stats``)."""
-    return _linear.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)[:4]
+                 vocab_start: Tensor, temperature: float, hidden_grad: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``(m, s, u, zt, acc, sx)`` over one weight shard (see ``linear_logprobs.linear_stats``)."""
+    return _linear.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature, hidden_grad)
 
 
 @linear_stats.register_fake
-def _(hidden, weight, bias, ids, valid, vocab_start, temperature):
+def _(hidden, weight, bias, ids, valid, vocab_start, temperature, hidden_grad=False):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(4))
+    acc = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=torch.float32)
+    sx = hidden.new_empty(n if hidden_grad else 0, dtype=torch.float32)
+    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(4)), acc, sx)
+
+
+@custom_op("rlloss::linear_finish_logp_hidden_grad_", mutates_args=("acc",))
+def linear_finish_logp_hidden_grad_(acc: Tensor, weight: Tensor, ids: Tensor, vocab_start: Tensor, coef: Tensor,
+                                    one_minus_p: Tensor, temperature: float) -> None:
+    """In place, ``acc`` from ``linear_stats`` becomes this shard's part of ``d logp / d hidden`` (see
+    ``linear_logprobs.finish_logp_hidden_grad``)."""
+    _linear.finish_logp_hidden_grad(acc, weight, ids, vocab_start, coef, one_minus_p, temperature)
+
+
+@linear_finish_logp_hidden_grad_.register_fake
+def _(acc, weight, ids, vocab_start, coef, one_minus_p, temperature):
+    return None
 
 
 @custom_op("rlloss::linear_grads", mutates_args=())
@@ -518,8 +534,12 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, i
     0 where not ``valid``; ``dlogp_dh`` fp32 ``[N, H]`` with ``hidden_grad`` (else ``[0]``), which
     backward scales by the log-prob's gradient instead of recomputing the logits for ``d hidden``."""
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    m, s, u, zt, dlogp_dh = _linear.linear_stats(hidden, weight, bias, ids, valid, start, temperature, hidden_grad)
+    m, s, u, zt, dlogp_dh, sx = _linear.linear_stats(hidden, weight, bias, ids, valid, start, temperature, hidden_grad)
     logp, entropy, log_s = _linear.finish_stats(m, s, u, zt)
+    if hidden_grad:  # one shard: M = m, S = s (0 where not valid, where s is 1 and sx 0)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        _linear.finish_logp_hidden_grad(dlogp_dh, weight, ids, start, torch.where(valid, -1.0 / s, zero), sx / s,
+                                        temperature)
     return logp, entropy, m, log_s, dlogp_dh
 
 
@@ -537,6 +557,8 @@ def _linear_setup(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.hidden_grad = bool(flag and flag[0])
     ctx.mark_non_differentiable(m, log_s, dlogp_dh)
+    if ctx.hidden_grad:  # the forward formed d logp / d hidden on the promise that the entropy carries nothing
+        ctx.mark_non_differentiable(entropy)
     ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
 
 
@@ -544,6 +566,8 @@ def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s, g_dlogp_dh):
     hidden, weight, bias, ids, valid, entropy, m, log_s, dlogp_dh = ctx.saved_tensors
     if g_logp is None:
         g_logp = torch.zeros_like(m)
+    if ctx.hidden_grad:  # a non-differentiable entropy: whatever arrives for it (zeros, when compiled) is not used
+        g_entropy = None
     start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
     # a frozen head (LoRA) or frozen hidden states: that gradient, and the recompute it needs, skipped
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]

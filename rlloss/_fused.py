@@ -197,18 +197,20 @@ def linear_token_logprobs_triton(hidden, weight, bias, ids, valid, temperature, 
     """``(logp, entropy)`` fp32 ``[N]`` of validated ``hidden [N, H]``, ``ids [N]``; ``group`` None or the
     vocabulary-parallel group (``vocab_start``: this rank's first id).
 
-    Unsharded, when ``hidden`` will receive a gradient and the entropy will not (``entropy_grad``
-    False), the forward also forms ``d logp / d hidden``: backward then recomputes the logits once,
-    for ``d weight``, instead of twice. That fp32 ``[N, H]`` has the size of the ``d hidden``
-    accumulator it replaces, but lives from the forward to the backward: several such losses alive
-    before one backward each hold one. The vocabulary-parallel path always recomputes.
+    When ``hidden`` will receive a gradient and the entropy will not (``entropy_grad`` False), the
+    forward also forms ``d logp / d hidden`` (vocabulary-parallel: each shard's part, summed over
+    the group in the forward): backward then recomputes the logits once, for ``d weight``, instead
+    of twice. That fp32 ``[N, H]`` has the size of the ``d hidden`` accumulator it replaces, but
+    lives from the forward to the backward: several such losses alive before one backward each hold
+    one.
     """
+    hidden_grad = _needs_grad(hidden) and not entropy_grad
     if group is None:
-        hidden_grad = _needs_grad(hidden) and not entropy_grad
         logp, entropy, *_ = ops().linear_token_logprobs(hidden, weight, bias, ids, valid, float(temperature),
                                                         hidden_grad)
         return logp, entropy
-    return _ShardedLinearLogprobs.apply(hidden, weight, bias, ids, valid, vocab_start, float(temperature), group)
+    return _ShardedLinearLogprobs.apply(hidden, weight, bias, ids, valid, vocab_start, float(temperature), group,
+                                        hidden_grad)
 
 
 def _finish_stats(m, s, u, zt):
@@ -218,31 +220,50 @@ def _finish_stats(m, s, u, zt):
 
 
 class _ShardedLinearLogprobs(torch.autograd.Function):
-    """The fused kernels on this rank's shard; only ``[N]`` statistics cross ranks, and ``d hidden``."""
+    """The fused kernels on this rank's shard; only ``[N]`` statistics cross ranks, and ``d hidden``
+    (in backward, or with ``hidden_grad`` the forward's ``d logp / d hidden``, summed once in the
+    forward: backward then needs no collective and no recompute for ``d hidden``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group):
+    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group, hidden_grad):
         dist = torch.distributed
-        m, s, u, zt = ops().linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature)
+        m, s, u, zt, acc, sx = ops().linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature,
+                                                  hidden_grad)
         big_m = m.clone()
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
         scale = torch.exp(m - big_m)
-        parts = torch.stack([s * scale, (u + s * (m - big_m)) * scale, zt])  # u, s rebased on the global max
+        rows = [s * scale, (u + s * (m - big_m)) * scale, zt]  # u, s rebased on the global max
+        parts = torch.stack(rows + [sx * scale] if hidden_grad else rows)
         dist.all_reduce(parts, group=group)
         logp, entropy, log_s = _finish_stats(big_m, parts[0], parts[1], parts[2])
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)  # each rank's (0, 1, 0, 0) at padding sums to s = world
         logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
-        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s)
-        ctx.temperature, ctx.group = temperature, group
+        if hidden_grad:  # this shard's part of d logp / d hidden, then the sum: the same on every rank
+            local = ids - vocab_start
+            own = valid & (local >= 0) & (local < weight.shape[0])
+            coef = torch.where(valid, -scale / parts[0], zero)
+            ops().linear_finish_logp_hidden_grad_(acc, weight, ids, vocab_start, coef,
+                                                  torch.where(own, parts[3] / parts[0], zero), temperature)
+            dist.all_reduce(acc, group=group)
+        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s, acc)
+        ctx.temperature, ctx.group, ctx.hidden_grad = temperature, group, hidden_grad
         ctx.set_materialize_grads(False)
+        if hidden_grad:  # formed on the promise that the entropy carries no gradient
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s = ctx.saved_tensors
+        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s, dlogp_dh = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(m)
+        if ctx.hidden_grad:  # d hidden is the forward's, whole: no collective (the entropy is not differentiable)
+            need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+            dh, dw, db = ops().linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
+                                            g_logp, None, ctx.temperature, False, dlogp_dh, True, need_w)
+            return (dh, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
+                    None, None, None, None, None, None)
         dh32, dw, db = ops().linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
                                           g_logp, g_entropy, ctx.temperature, True)
         torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
-        return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None
+        return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None, None

@@ -188,8 +188,8 @@ def linear_token_logprobs(
         return_entropy: also return the entropy.
         entropy_grad: whether the returned entropy carries a gradient. ``False`` returns it detached
             (a metric, an entropy mask). With only the log-prob differentiated (that, or
-            ``return_entropy=False``) and no ``group``, the Triton backend forms ``d logp / d hidden``
-            in its forward pass, so backward recomputes the logits once (for ``d weight``) instead
+            ``return_entropy=False``), the Triton backend forms ``d logp / d hidden`` in its
+            forward pass (with ``group``, summed over the ranks there), so backward recomputes the logits once (for ``d weight``) instead
             of twice: 4 matmuls over the head, not 5. Its fp32 ``[N, H]`` replaces the ``d hidden``
             accumulator but is held from the forward to the backward.
         group: None (one unsharded LM head), or the ``torch.distributed`` group of a

@@ -305,8 +305,8 @@ def test_out_of_range_ids_where_masked_are_never_read():
 
 @needs_triton
 @pytest.mark.parametrize("entropy_grad", [True, False])
-def test_compiles_with_fullgraph(entropy_grad):
-    # entropy_grad=False: the forward that forms d logp / d hidden, traced
+def test_compiles_with_fullgraph(entropy_grad, monkeypatch):
+    # entropy_grad=False: the forward that forms d logp / d hidden, traced, and no d hidden kernel after it
     hidden, weight, b, ids, mask = make_head(20, 9, 40, torch.float32, 9, bias=True, mask_kind="random")
     h, w, bb = leaves(hidden, weight, b)
 
@@ -317,10 +317,13 @@ def test_compiles_with_fullgraph(entropy_grad):
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    launches = _Launches(monkeypatch)
     got = compiled(h, w, bb)
+    g = torch.autograd.grad(got, [h, w, bb])
+    kernels = [name for name, _ in launches.seen]
+    assert kernels == (["fwd", "dh", "dw"] if entropy_grad else ["fwd", "finish", "dw"]), launches.seen
     want = f(*leaves(hidden, weight, b))
     assert_close(got.detach(), want.detach(), torch.float32, scale=float(want.abs()))
-    g = torch.autograd.grad(got, [h, w, bb])
     h2, w2, b2 = leaves(hidden, weight, b)
     g2 = torch.autograd.grad(f(h2, w2, b2), [h2, w2, b2])
     for a, c in zip(g, g2):
@@ -339,46 +342,68 @@ def tp_problem():
     return hidden, weight, b, ids, mask, gl, ge
 
 
-def _tp_rank(rank: int, port: int, out_dir: str, world: int, backends: list[str]) -> None:
+def _tp_rank(rank: int, port: int, out_dir: str, world: int, names: list[str]) -> None:
+    import types
+
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     torch.set_num_threads(1)
     with gloo_rank(rank, port, out_dir, world):
         hidden, weight, b, ids, mask, gl, ge = tp_problem()
         rows = torch.tensor_split(torch.arange(V_TP), world)[rank]
         out = {}
+        launches = _Launches(types.SimpleNamespace(setattr=setattr)) if triton_runs_here() else None
 
-        def call(h, w, bb, backend):
+        def call(h, w, bb, backend, entropy_grad):
             return rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, temperature=0.8, return_entropy=True,
-                                                group=torch.distributed.group.WORLD, backend=backend)
+                                                entropy_grad=entropy_grad, group=torch.distributed.group.WORLD,
+                                                backend=backend)
 
         compiled = torch.compile(call, backend="inductor", fullgraph=True)
-        for name in backends:
-            backend, how = (name.split("+") + ["eager"])[:2]
+        for name in names:
+            backend, how, entropy = _tp_case(name)
             h, w, bb = leaves(hidden, weight[rows], b[rows])
-            logp, ent = (compiled if how == "compile" else call)(h, w, bb, backend)
-            grads = torch.autograd.grad((logp * gl).sum() + (ent * ge).sum(), [h, w, bb])
-            out[name] = (logp.detach(), ent.detach(), *grads)
+            if launches is not None:
+                launches.seen.clear()
+            logp, ent = (compiled if how == "compile" else call)(h, w, bb, backend, entropy == "grad")
+            loss = (logp * gl).sum() + ((ent * ge).sum() if entropy == "grad" else 0)
+            grads = torch.autograd.grad(loss, [h, w, bb])
+            out[name] = (logp.detach(), ent.detach(), *grads, list(launches.seen) if launches is not None else None)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _tp_case(name: str) -> tuple[str, str, str]:
+    """``"triton+compile:metric"`` -> (backend, "eager" | "compile", entropy "grad" | "metric")."""
+    rest, entropy = (name.split(":") + ["grad"])[:2]
+    backend, how = (rest.split("+") + ["eager"])[:2]
+    return backend, how, entropy
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
-    # each backend eagerly and inside torch.compile (a trainer compiles its step; the collectives must not break it)
-    names = [f"{backend}{how}" for backend in BACKENDS for how in ("", "+compile")]
+    # each backend eagerly and inside torch.compile (a trainer compiles its step; the collectives must not
+    # break it), with the entropy differentiated and as a metric (the forward then forms d logp / d hidden,
+    # summed over the shards there; backward has no collective and no d hidden kernel)
+    names = [f"{backend}{how}{entropy}" for backend in BACKENDS for how in ("", "+compile")
+             for entropy in ("", ":metric")]
     results = spawn_ranks(_tp_rank, world, tmp_path, 240.0, world, names)
     hidden, weight, b, ids, mask, gl, ge = tp_problem()
-    want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, ge)
-    for backend in names:
+    for name in names:
+        backend, _, entropy = _tp_case(name)
+        g_ent = ge if entropy == "grad" else torch.zeros_like(ge)
+        want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, g_ent)
         for r, res in enumerate(results):
-            logp, ent, dh, _, _ = res[backend]
-            assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{backend} rank {r} logp")
-            assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{backend} rank {r} entropy")
-            assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None],
-                         what=f"{backend} rank {r} d hidden")
-        dw = torch.cat([res[backend][3] for res in results])
-        db = torch.cat([res[backend][4] for res in results])
-        assert_close(dw, want_grads[1], torch.float32, scale=scales[1], what="d weight")
-        assert_close(db, want_grads[2], torch.float32, scale=scales[2], what="d bias")
+            logp, ent, dh, _, _, seen = res[name]
+            assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{name} rank {r} logp")
+            assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{name} rank {r} entropy")
+            assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None], what=f"{name} rank {r} d hidden")
+            if backend == "triton":
+                forward_dh = entropy == "metric"
+                assert seen == [("fwd", forward_dh)] + [("finish", None)] * forward_dh + \
+                    [("dh", None)] * (not forward_dh) + [("dw", None)], f"{name} rank {r}: {seen}"
+        dw = torch.cat([res[name][3] for res in results])
+        db = torch.cat([res[name][4] for res in results])
+        assert_close(dw, want_grads[1], torch.float32, scale=scales[1], what=f"{name} d weight")
+        assert_close(db, want_grads[2], torch.float32, scale=scales[2], what=f"{name} d bias")
 
 
 # --- the benchmark's contenders ----------------------------------------------------------------------------
@@ -511,7 +536,7 @@ def test_forward_d_hidden_plus_recomputed_entropy_part_is_the_recomputed_whole()
 class _Launches:
     """Records the from-hidden kernels launched (name, HIDDEN_GRAD) while installed in place of them."""
 
-    NAMES = ("_linear_fwd_kernel", "_linear_dh_kernel", "_linear_dw_kernel")
+    NAMES = ("_linear_fwd_kernel", "_linear_finish_kernel", "_linear_dh_kernel", "_linear_dw_kernel")
 
     def __init__(self, monkeypatch):
         from rlloss.kernels import linear_logprobs
@@ -536,14 +561,14 @@ class _Launches:
 
 @needs_triton
 @pytest.mark.parametrize("case, want", [
-    ("logp", [("fwd", True), ("dw", None)]),
-    ("entropy metric", [("fwd", True), ("dw", None)]),
+    ("logp", [("fwd", True), ("finish", None), ("dw", None)]),
+    ("entropy metric", [("fwd", True), ("finish", None), ("dw", None)]),
     ("entropy grad", [("fwd", False), ("dh", None), ("dw", None)]),
     ("entropy returned, unused", [("fwd", False), ("dh", None), ("dw", None)]),
     ("no_grad", [("fwd", False)]),
-    ("frozen head", [("fwd", True)]),
+    ("frozen head", [("fwd", True), ("finish", None)]),
     ("frozen hidden", [("fwd", False), ("dw", None)]),
-    ("loss, entropy_coef=0", [("fwd", True), ("dw", None)]),
+    ("loss, entropy_coef=0", [("fwd", True), ("finish", None), ("dw", None)]),
     ("loss, entropy_coef>0", [("fwd", False), ("dh", None), ("dw", None)]),
 ])
 def test_each_call_runs_the_kernels_it_needs_and_the_gradients_it_asks_for(monkeypatch, case, want):
