@@ -21,3 +21,50 @@ def test_interpreter_switched_off_without_cuda_is_a_loud_error(value):
                          timeout=300)
     assert run.returncode != 0, run.stdout + run.stderr
     assert "TRITON_INTERPRET" in run.stdout + run.stderr and "without CUDA" in run.stdout + run.stderr
+
+
+# --- the top-level name ``kernels`` belongs to Hugging Face's package, from any working directory ----
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _from_root(code: str, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python <flags> -c code`` run at the checkout's root, where the root is first on ``sys.path``."""
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_installed_kernels_package_wins_at_the_checkout_root():
+    """transformers >= 5 imports Hugging Face's ``kernels``; the checkout's ``kernels/`` must not hide it."""
+    import importlib.machinery
+
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT])
+    if spec is None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail("Hugging Face's kernels package is not installed: the README's install brings it (transformers)")
+        pytest.skip("Hugging Face's kernels package is not installed (pip install kernels)")
+    run = _from_root("import kernels, rlloss.kernels.ops; print(kernels.__file__); print(rlloss.kernels.__file__)")
+    assert run.returncode == 0, run.stderr
+    top, ours = run.stdout.split()
+    assert Path(top).resolve() == Path(spec.origin).resolve()
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_another_kernels_package_later_on_the_path_wins(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'theirs'\n")
+    (tmp_path / "kernels" / "sub.py").write_text("VALUE = 7\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = _from_root("import kernels, kernels.sub; print(kernels.MARK, kernels.sub.VALUE)", env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["theirs", "7"]
+    # the checkout's own modules are not reachable under the top-level name
+    run = _from_root("import kernels.ops", env=env)
+    assert run.returncode != 0 and "No module named 'kernels.ops'" in run.stderr
+
+
+def test_without_another_kernels_package_the_import_fails_as_if_the_folder_were_absent():
+    run = _from_root("import kernels", "-S")  # no site-packages: only the root and the standard library
+    assert run.returncode != 0
+    assert "ModuleNotFoundError" in run.stderr and "rlloss.kernels" in run.stderr
