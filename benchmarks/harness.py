@@ -81,15 +81,21 @@ def _stderr_silenced() -> Iterator[None]:
 
 
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of allocations minus frees while ``fn`` runs, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs, from the profiler's memory timeline.
 
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    The timeline lists each tensor's creation and destruction once, in time order. (Summing the
+    profiler's per-event ``cpu_memory_usage`` counts an allocation in every enclosing op, and its
+    ``self_cpu_memory_usage`` books frees at the start of the op that frees: both misplace the peak.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                     with_stack=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda event: event[0]):
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
         peak = max(peak, live)
     return peak
 

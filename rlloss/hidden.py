@@ -24,8 +24,8 @@ from ._validate import (
     compute_dtype,
 )
 from .aggregation import _token_scale
-from .logits import _token_logprobs_torch, _with_entropy_bonus
-from .loss import EMPTY_STEP, PolicyLoss, _checked_options, policy_loss
+from .logits import _check_option_names, _checked_loss_options, _token_logprobs_torch, _with_entropy_bonus
+from .loss import EMPTY_STEP, PolicyLoss, policy_loss
 
 # --- validation ------------------------------------------------------------------------------------
 
@@ -334,6 +334,7 @@ def policy_loss_from_hidden(
     max_tile_bytes = _check_max_tile_bytes(max_tile_bytes)
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
+    _check_option_names("policy_loss_from_hidden", loss_options)
     fused = _loss_path(hidden, weight, ids, old_logp, adv, mask_b, bias, temperature, entropy_coef, group,
                        max_tile_bytes, backend, loss_options)
     if fused is not None:
@@ -356,7 +357,7 @@ def _loss_path(hidden, weight, ids, old_logp, adv, mask_b, bias, temperature, en
 
     # the loss's options checked against a placeholder of the log-probs' shape (they do not exist yet)
     placeholder = torch.zeros((), dtype=torch.float32, device=hidden.device).expand(ids.shape)
-    args = _checked_options(placeholder, old_logp, adv, mask_b, loss_options)
+    args = _checked_loss_options(placeholder, old_logp, adv, mask_b, loss_options)
     (_, old_logp, adv, mask_b, objective, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
      aggregation, max_tokens, num_tokens, num_seqs, dp_size) = args
     if not token_local(objective, kl_bias_correction) or not fused_dtype(old_logp, adv, ref_logp, token_weights):

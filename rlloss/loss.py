@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import NamedTuple
 
 import torch
@@ -306,18 +305,3 @@ def policy_loss(
         warn_if_empty(num_tokens, EMPTY_STEP)
     return out
 
-
-# policy_loss's keyword options and their defaults, as its signature gives them (one source)
-_OPTION_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
-                    if p.kind is p.KEYWORD_ONLY and name != "backend"}
-
-
-def _checked_options(logp, old_logp, adv, mask, options: dict) -> tuple:
-    """``policy_loss``'s keyword ``options`` (its defaults for those not given), validated against
-    ``logp``'s shape: ``_check_policy_loss_args``' tuple. For callers that hold the options before
-    the log-probs exist (the loss from hidden states passes a placeholder of their shape)."""
-    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}: the loss options are policy_loss's "
-                        f"{sorted(_OPTION_DEFAULTS)}")
-    return _check_policy_loss_args(logp, old_logp, adv, mask, *{**_OPTION_DEFAULTS, **options}.values())
