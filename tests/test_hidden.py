@@ -430,15 +430,14 @@ TP_TILE_BYTES = 4 * 151 * 5  # 5 tokens per tile over shards of 151 and 150 rows
 
 
 def _tp_rank(rank: int, port: int, out_dir: str, world: int, names: list[str]) -> None:
-    import types
-
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     torch.set_num_threads(1)
     with gloo_rank(rank, port, out_dir, world):
         hidden, weight, b, ids, mask, gl, ge, old, adv = tp_problem()
         rows = torch.tensor_split(torch.arange(V_TP), world)[rank]
         out = {}
-        launches = _Launches(types.SimpleNamespace(setattr=setattr)) if triton_runs_here() else None
+        patch = pytest.MonkeyPatch()
+        launches = _Launches(patch) if triton_runs_here() else None
 
         def call(h, w, bb, backend, what):
             group = torch.distributed.group.WORLD
@@ -455,6 +454,9 @@ def _tp_rank(rank: int, port: int, out_dir: str, world: int, names: list[str]) -
         for name in names:
             backend, how, what = _tp_case(name)
             h, w, bb = leaves(hidden, weight[rows], b[rows])
+            if how == "compile":  # the loop over chunks is traced there: the spies' list would be a side effect
+                patch.undo()
+                launches = None
             if launches is not None:
                 launches.seen.clear()
             x, y = (compiled if how == "compile" else call)(h, w, bb, backend, what)
@@ -476,8 +478,10 @@ def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
     # each backend eagerly and inside torch.compile (a trainer compiles its step; the collectives must not
     # break it): the log-probs with the entropy differentiated and as a metric, and the loss path (the
     # shards' statistics combined per chunk before the gradient epilogue), in one tile and in several
-    names = [f"{backend}{how}:{what}" for backend in BACKENDS for how in ("", "+compile")
-             for what in ("grad", "metric", "loss", "loss-tiles")]
+    names = [f"{backend}:{what}" for backend in BACKENDS for what in ("grad", "metric", "loss", "loss-tiles")]
+    # compiled (after the eager ones, which count the steps): each path once per backend, the loss path in
+    # several tiles (inductor's C++ build of each graph is most of this test's time)
+    names += [f"{backend}+compile:{what}" for backend in BACKENDS for what in ("grad", "loss-tiles")]
     results = spawn_ranks(_tp_rank, world, tmp_path, 600.0, world, names)
     hidden, weight, b, ids, mask, gl, ge, old, adv = tp_problem()
     for name in names:
@@ -492,7 +496,7 @@ def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
                 loss, _, dh, _, _, seen = res[name]
                 assert_close(loss, want.detach(), torch.float32, scale=1.0, what=f"{name} rank {r} loss")
                 assert_close(dh, want_grads[0], torch.float32, scale=scales[0], what=f"{name} rank {r} d hidden")
-                if backend == "triton":
+                if backend == "triton" and seen is not None:
                     chunks = -(-N_TP // (5 if world == 2 else 7)) if what == "loss-tiles" else 1
                     assert seen == (FWD + GRADS) * chunks, f"{name} rank {r}: {seen}"
         else:
@@ -504,7 +508,7 @@ def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
                 assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{name} rank {r} entropy")
                 assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None],
                              what=f"{name} rank {r} d hidden")
-                if backend == "triton":
+                if backend == "triton" and seen is not None:
                     assert seen == FWD + ["logits"] + GRADS, f"{name} rank {r}: {seen}"
             scales = scales[1:]
             want_grads = want_grads[1:]
