@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,10 @@ FORMULAS = {
 }
 RECIPES = {"token_mean": "DAPO, BNPO", "seq_mean_token_mean": "GRPO as published",
            "seq_mean_token_sum": "LUSPO", "constant": "Dr. GRPO", "token_sum": "verl token-sum"}
-CURVE_STYLES = {"token_mean": "-", "seq_mean_token_mean": "--", "seq_mean_token_sum": "-.", "constant": ":",
-                "token_sum": (0, (3, 1, 1, 1, 1, 1))}
+# each aggregation's curve in the plot: (line style, colour)
+CURVE_STYLES = {"token_mean": ("-", "tab:green"), "seq_mean_token_mean": ("--", "tab:orange"),
+                "seq_mean_token_sum": ("-.", "tab:purple"), "constant": (":", "tab:brown"),
+                "token_sum": ((0, (3, 1, 1, 1, 1, 1)), "tab:gray")}
 
 
 def _formula(name: str, max_tokens: int | None) -> str:
@@ -124,10 +127,11 @@ def format_report(audit: Audit) -> str:
     exponent = _length_exponent(weights)
     if weights:
         shown = ", ".join(f"{n}: {w:.3g}" for n, w in weights.items())
-        trend = "" if exponent is None else f"; weight ~ length^{exponent:+.2f}"
-        lines.append(f"  token weight by length (A > 0){trend}: {shown}")
+        trend = "" if exponent is None else f"; weight ~ length^{round(exponent, 2) + 0.0:+.2f}"  # never "-0.00"
+        lines.append(f"  token weight by length (A > 0; first batch, even split){trend}: {shown}")
+    value = "0" if abs(audit.loss_value) < 1e-12 else f"{audit.loss_value:.3g}"
     lines.append(f"  loss 0 is not gradient 0: on the first probe batch (+A and -A at every length) the step's loss "
-                 f"is {audit.loss_value:.2g} and its gradient norm {audit.grad_norm:.3g}")
+                 f"is {value} and its gradient norm {audit.grad_norm:.3g}")
     return "\n".join(lines)
 
 
@@ -136,18 +140,17 @@ def plot_audit(audit: Audit, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 4.6), dpi=120)
+    fig = Figure(figsize=(8.4, 4.4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for name, weights in audit.candidate_weights.items():
         lengths = list(weights)
-        ax.plot(lengths, [weights[n] for n in lengths], linestyle=CURVE_STYLES[name], color="0.45", linewidth=1.2,
-                label=f"{name} (scale 1)")
+        style, colour = CURVE_STYLES[name]
+        ax.plot(lengths, [weights[n] for n in lengths], linestyle=style, color=colour, linewidth=1.4,
+                label=f"{name}, scale 1")
     pos, neg = audit.token_weight_by_length, audit.token_weight_by_length_negative
-    ax.plot(list(pos), [abs(w) for w in pos.values()], "o", color="tab:red", markersize=6,
-            label="measured, A > 0")
-    ax.plot(list(neg), [abs(w) for w in neg.values()], "x", color="tab:blue", markersize=7,
-            label="measured, A < 0")
+    ax.plot(list(pos), [abs(w) for w in pos.values()], "o", color="black", markersize=6, label="measured, A > 0")
+    ax.plot(list(neg), [abs(w) for w in neg.values()], "x", color="tab:red", markersize=8, label="measured, A < 0")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("row length (valid tokens)")
@@ -155,12 +158,11 @@ def plot_audit(audit: Audit, path: Path) -> Path:
     verdict = (f"{audit.aggregation}, scale {_num(audit.scale)}" if audit.aggregation is not None
                else f"no match (nearest {audit.nearest})")
     verdict += "" if audit.split_invariant else ", not split-invariant"
-    ax.set_title(f"{audit.label}\n{verdict}", fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(audit.label, 90) + [verdict]), fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    fig.savefig(path, bbox_inches="tight", metadata={"Software": None})
     return path
 
 
