@@ -18,9 +18,9 @@ package, and this package imports a trainer only when its front end is called, m
 when a plot is drawn. docs/audit.md says what the probe can and cannot see.
 """
 
-from .measure import PieceInputs, Window, audit_loss
+from .measure import Window, audit_loss
 from .result import Audit
 from .trl import audit_trl
 from .verl import audit_verl
 
-__all__ = ["Audit", "PieceInputs", "Window", "audit_loss", "audit_trl", "audit_verl"]
+__all__ = ["Audit", "Window", "audit_loss", "audit_trl", "audit_verl"]

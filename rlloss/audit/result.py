@@ -42,6 +42,11 @@ def _num(x: float) -> str:
     return f"{x:.4g}" if x == x and abs(x) != math.inf else str(x)
 
 
+def small(x: float) -> str:
+    """A residual or relative change: below 1e-12 it is rounding (and differs between CPUs), so said as such."""
+    return "< 1e-12" if x < 1e-12 else f"{x:.1e}"
+
+
 def _scale_reason(scale: float, micro_batches: int, dp_size: int) -> str:
     """A name for a scale that is a simple function of the step's shape, or ''."""
     known = []
@@ -113,12 +118,12 @@ def format_report(audit: Audit) -> str:
                      f"[{audit.aggregation}: {RECIPES[audit.aggregation]}]")
         call = _call(audit.aggregation, audit.max_tokens)
         lines.append(f"  rlloss call: {call}" + ("" if not factor else f"  times {_num(scale)}"))
-        lines.append(f"  scale {_num(scale)}, residual {audit.residual:.1e}")
+        lines.append(f"  scale {_num(scale)}, residual {small(audit.residual)}")
     else:
         lines.append(f"  effective objective: none of rlloss's aggregations (nearest {audit.nearest}: "
                      f"{_formula(audit.nearest, audit.max_tokens)}, residual {_num(audit.residual)})")
     invariant = "yes" if audit.split_invariant else "NO"
-    lines.append(f"  split-invariant: {invariant} (largest change between splits {audit.split_error:.1e}, "
+    lines.append(f"  split-invariant: {invariant} (largest change between splits {small(audit.split_error)}, "
                  f"tolerance {SPLIT_TOLERANCE:.0e})")
     found = departures(audit)
     lines.append("  departures: " + ("none" if not found else ""))
@@ -174,9 +179,10 @@ class Audit:
     ``residual <= 1e-3``, or None), ``scale`` (the step gradient over that aggregation's: 1.0 when
     exact; None without a match), ``residual`` (``|g - scale*g_c| / |g|`` of the match, or of the
     nearest aggregation), ``split_invariant`` (every split of a batch gives the same step gradient,
-    relative 1e-6), ``token_weight_by_length`` (``{length: weight}``, the step gradient of one token
-    over ``-A`` for rows with ``A > 0``), ``loss_value`` and ``grad_norm`` (the step's loss and its
-    gradient's L2 norm on the probe's first batch, where every weighting by length gives a loss of 0).
+    relative 1e-6), ``token_weight_by_length`` (``{length: weight}`` on the first probe batch's even
+    split: the step gradient of a token over ``-A``, averaged over the rows of that length with
+    ``A > 0``), ``loss_value`` and ``grad_norm`` (the step's loss and its gradient's L2 norm there,
+    where the ``+A``/``-A`` twins make the loss of any length-weighted objective 0).
 
     Detail: ``nearest`` (the aggregation of smallest residual, None for a zero gradient),
     ``candidates`` (``{name: (scale, residual)}``), ``split_error`` (the largest relative L2 change of

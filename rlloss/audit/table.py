@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .result import Audit
+from .result import Audit, small
 
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss types
 # (gradient_accumulation_steps, steps_per_generation, processes): equal, generation spanning two steps,
@@ -108,7 +108,7 @@ def row(trainer: str, case: TrlCase | VerlCase, audit: Audit) -> str:
         matched, scale = f"none (nearest `{audit.nearest}`)", f"({_num(audit.candidates[audit.nearest][0])})"
     invariant = "yes" if audit.split_invariant else f"**no** ({_num(audit.split_error)})"
     scale = scale if audit.aggregation is None or abs(audit.scale - 1) <= 1e-6 else f"**{scale}**"
-    return f"| {trainer} | {case.describe()} | {matched} | {scale} | {audit.residual:.1e} | {invariant} |"
+    return f"| {trainer} | {case.describe()} | {matched} | {scale} | {small(audit.residual)} | {invariant} |"
 
 
 def versions() -> str:
