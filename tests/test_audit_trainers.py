@@ -33,7 +33,7 @@ import trl  # noqa: E402
 
 import rlloss.integrations.trl  # noqa: E402
 from rlloss.audit import audit_trl  # noqa: E402
-from rlloss.audit.measure import accumulate, measure  # noqa: E402
+from rlloss.audit.measure import accumulate, audit_steps  # noqa: E402
 from rlloss.audit.table import BEGIN, END, TrlCase, VerlCase, row, trl_cases, verl_cases  # noqa: E402
 
 pytestmark = pytest.mark.trainers
@@ -58,8 +58,8 @@ def model_audit(weight, *, micro_batches, dp_size, max_tokens, longest, width, e
             w = weight(batch, split, piece, n)
             return 0.0, -inputs.adv[:, None] * inputs.mask * w
         return accumulate(batch, split, run_piece, max_tokens)
-    return measure(step, micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=0,
-                   longest=longest, width=width, equal_rows=equal_rows)
+    return audit_steps(step, micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=0,
+                       longest=longest, width=width, equal_rows=equal_rows)
 
 
 def assert_same_measure(got, want):

@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .result import Audit
 from .table import TRL_LOSS_TYPES, VERL_MODES, TrlCase, VerlCase, table, update
 
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _trl(args: argparse.Namespace):
+def _trl(args: argparse.Namespace) -> tuple[Audit, str]:
     from .trl import audit_trl
 
     options = {name: value for name, value in (
@@ -74,7 +75,7 @@ def _trl(args: argparse.Namespace):
     return audit, f"audit-trl-{args.loss_type}.png"
 
 
-def _verl(args: argparse.Namespace):
+def _verl(args: argparse.Namespace) -> tuple[Audit, str]:
     from .verl import audit_verl
 
     if args.loss_mode.startswith("rlloss_"):
@@ -86,6 +87,7 @@ def _verl(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line (``argv`` as ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -155,9 +155,9 @@ def _weights_by_length(grad: torch.Tensor, batch: Batch, sign: int) -> dict[int,
     return {n: sum(w) / len(w) for n, w in sorted(per_length.items())}
 
 
-def measure(step: StepFn, *, micro_batches: int, dp_size: int, max_tokens: int | None, seed: int,
-            longest: int | None = None, width: int | None = None, equal_rows: bool = False,
-            label: str = "loss_fn") -> Audit:
+def audit_steps(step: StepFn, *, micro_batches: int, dp_size: int, max_tokens: int | None, seed: int,
+                longest: int | None = None, width: int | None = None, equal_rows: bool = False,
+                label: str = "loss_fn") -> Audit:
     """The audit of a whole-step function: ``step(batch, split) -> (loss, gradient [B, T])``.
 
     ``audit_loss`` and the trainer front ends call this; ``longest`` is the longest probe row
@@ -267,6 +267,6 @@ def audit_loss(loss_fn: LossFn, *, micro_batches: int = 1, dp_size: int = 1, max
         raise TypeError(f"equal_rows must be a bool, got {type(equal_rows).__name__} {equal_rows!r}")
     run_piece = _call_loss_fn(loss_fn)
     label = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
-    return measure(lambda batch, split: accumulate(batch, split, run_piece, max_tokens),
-                   micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=seed,
-                   width=max_tokens, equal_rows=equal_rows, label=label)
+    return audit_steps(lambda batch, split: accumulate(batch, split, run_piece, max_tokens),
+                       micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=seed,
+                       width=max_tokens, equal_rows=equal_rows, label=label)

@@ -35,6 +35,7 @@ class TrlCase:
     options: dict[str, Any] = field(default_factory=dict)
 
     def config(self, output_dir: str = "rlloss-audit") -> Any:
+        """The ``trl.GRPOConfig`` (CPU, no reporting; ``output_dir`` is never written by the audit)."""
         import trl
 
         return trl.GRPOConfig(output_dir=output_dir, loss_type=self.loss_type,
@@ -43,11 +44,13 @@ class TrlCase:
                               **self.options)
 
     def describe(self) -> str:
+        """The table's configuration cell."""
         options = "".join(f", {k}={v}" for k, v in self.options.items())
         return (f"`{self.loss_type}`{options}, GA={self.accumulation}, spg={self.per_generation}, "
                 f"P={self.processes}")
 
     def audit(self) -> Audit:
+        """``audit_trl`` of this configuration."""
         from .trl import audit_trl
 
         return audit_trl(self.config(), num_processes=self.processes)
@@ -63,6 +66,7 @@ class VerlCase:
     loss_scale_factor: int | None = None
 
     def config(self) -> Any:
+        """The ``ActorConfig`` (with ``use_dynamic_bsz=False``, a micro-batch size the audit does not read)."""
         from verl.workers.config import ActorConfig, PolicyLossConfig
 
         micro = {} if self.dynamic_bsz else {"ppo_micro_batch_size_per_gpu": 4}
@@ -71,11 +75,13 @@ class VerlCase:
                            policy_loss=PolicyLossConfig(loss_mode=self.loss_mode), **micro)
 
     def describe(self) -> str:
+        """The table's configuration cell."""
         extra = "" if self.loss_scale_factor is None else f", loss_scale_factor={self.loss_scale_factor}"
         batching = "dynamic bsz" if self.dynamic_bsz else "fixed micro-batch size"
         return f"`{self.loss_mode}`, `{self.loss_agg_mode}`{extra}, {batching}"
 
     def audit(self) -> Audit:
+        """``audit_verl`` of this configuration (2 micro-batches x 2 ranks, responses of 64)."""
         from .verl import audit_verl
 
         return audit_verl(self.config())
@@ -112,6 +118,7 @@ def row(trainer: str, case: TrlCase | VerlCase, audit: Audit) -> str:
 
 
 def versions() -> str:
+    """The installed versions of the trainers, transformers and torch, as the table's header says them."""
     names = ("trl", "transformers", "verl", "torch")
     return ", ".join(f"{n} {metadata.version(n)}" for n in names)
 

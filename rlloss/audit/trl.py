@@ -28,13 +28,13 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .measure import PieceInputs, _check_int, accumulate, measure
+from .measure import PieceInputs, _check_int, accumulate, audit_steps
 from .probe import Batch, Piece, Split
 from .result import Audit
 
@@ -151,7 +151,7 @@ def _generation_tokens(split: Split, batch: Batch, accumulation: int, per_genera
     return counts
 
 
-def _trl_step(trainer: Any, num_processes: int):
+def _trl_step(trainer: Any, num_processes: int) -> Callable[[Batch, Split], tuple[float, torch.Tensor]]:
     """The probe's step function: each piece through ``trainer.training_step``, as TRL's loop calls it."""
     args = trainer.args
     accumulation, per_generation = args.gradient_accumulation_steps, args.steps_per_generation
@@ -235,6 +235,6 @@ def audit_trl(config: Any, *, num_processes: int = 1, trainer_cls: Any = None, s
         label = (f"TRL {trl.__version__} {type(trainer).__name__}: loss_type={args.loss_type!r}, "
                  f"gradient_accumulation_steps={args.gradient_accumulation_steps}, "
                  f"steps_per_generation={args.steps_per_generation}, processes={num_processes}")
-        return measure(_trl_step(trainer, num_processes), micro_batches=args.gradient_accumulation_steps,
-                       dp_size=num_processes, max_tokens=trainer.max_completion_length, seed=seed,
-                       longest=trainer.max_completion_length, width=None, equal_rows=True, label=label)
+        return audit_steps(_trl_step(trainer, num_processes), micro_batches=args.gradient_accumulation_steps,
+                           dp_size=num_processes, max_tokens=trainer.max_completion_length, seed=seed,
+                           longest=trainer.max_completion_length, width=None, equal_rows=True, label=label)

@@ -16,11 +16,13 @@ micro-batch unscaled and FSDP averages over ranks: the audit's step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .measure import _call_loss_fn, _check_int, accumulate, measure
+from .measure import _call_loss_fn, _check_int, accumulate, audit_steps
+from .probe import Batch, Split
 from .result import Audit
 
 PROMPT = 1  # prompt tokens per row: verl's layout needs at least one
@@ -36,7 +38,7 @@ def _import_verl() -> Any:
     return verl, ActorConfig
 
 
-def verl_loss_fn(actor_config: Any):
+def verl_loss_fn(actor_config: Any) -> Callable[..., torch.Tensor]:
     """One micro-batch's loss through verl's ``ppo_loss``, as ``audit_loss`` calls a loss."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
@@ -108,8 +110,9 @@ def audit_verl(actor_config: Any, *, micro_batches: int = 2, dp_size: int = 2, r
              f"{micro_batches} micro-batches x {dp_size} ranks")
     run_piece = _call_loss_fn(verl_loss_fn(actor_config))
 
-    def step(batch, split):
+    def step(batch: Batch, split: Split) -> tuple[float, torch.Tensor]:
         return accumulate(batch, split, run_piece, max_tokens)
 
-    return measure(step, micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=seed,
-                   longest=response_length, width=response_length, equal_rows=not actor_config.use_dynamic_bsz, label=label)
+    return audit_steps(step, micro_batches=micro_batches, dp_size=dp_size, max_tokens=max_tokens, seed=seed,
+                       longest=response_length, width=response_length,
+                       equal_rows=not actor_config.use_dynamic_bsz, label=label)
