@@ -137,7 +137,17 @@ def format_report(audit: Audit) -> str:
     value = "0" if abs(audit.loss_value) < 1e-12 else f"{audit.loss_value:.3g}"
     lines.append(f"  loss 0 is not gradient 0: on the first probe batch (+A and -A at every length) the step's loss "
                  f"is {value} and its gradient norm {audit.grad_norm:.3g}")
-    return "\n".join(lines)
+    return "\n".join(_wrapped(line) for line in lines)
+
+
+REPORT_WIDTH = 79  # a terminal's, and what a code block of the documentation shows uncut
+
+
+def _wrapped(line: str) -> str:
+    """A report line folded at ``REPORT_WIDTH`` columns, its continuations indented under it."""
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.fill(line, REPORT_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def plot_audit(audit: Audit, path: Path) -> Path:
