@@ -172,7 +172,7 @@ def linear_token_logprobs(
 
     ::
 
-        z = (hidden @ weight.T + bias) / temperature          # one bounded tile at a time (Triton backend)
+        z = (hidden @ weight.T + bias) / temperature  # tile by tile (Triton)
         logp[t] = z[t, ids[t]] - logsumexp_v z[t, v]
         entropy[t] = logsumexp_v z[t, v] - sum_v p_v z[t, v],   p = softmax(z[t])
 

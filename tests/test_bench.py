@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_loss  # noqa: E402
 import harness  # noqa: E402
+import plot_memory  # noqa: E402
 import problems  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
@@ -85,6 +86,22 @@ def test_main_writes_the_record_and_the_plot(tmp_path):
     contenders = {r["contender"] for r in record["rows"]}
     assert {bench_loss.BASELINE, "rlloss-torch"} <= contenders
     assert (tmp_path / f"bench-{tag}-quick.png").stat().st_size > 0
+
+
+def test_the_memory_plot_draws_the_committed_record(tmp_path):
+    # docs/speed-and-memory.md shows it beside the time plot: the record's memory, each recipe as published.
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/bench-cpu.json").read_text())
+    path = tmp_path / "bench-cpu.json"
+    path.write_text(json.dumps(record))
+    assert plot_memory.main([str(path)]) == 0
+    assert (tmp_path / "bench-cpu-memory.png").stat().st_size > 0
+    grid = plot_memory.panels(record["rows"])
+    titles = [title for row in grid for title, _ in row]
+    assert "GRPO +KL fp32" in titles and "DAPO fp32" in titles and not any("DAPO +KL" in t for t in titles)
+    lines = dict(panel for row in grid for panel in row)["GRPO +KL fp32"]
+    expected = sorted((r["tokens"], r["peak_extra_bytes"] / 2**20) for r in record["rows"]
+                      if (r["recipe"], r["kl"], r["dtype"], r["contender"]) == ("GRPO", True, "fp32", "trl-inline"))
+    assert len(expected) == 4 and sorted(lines["trl-inline"]) == expected
 
 
 @pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))

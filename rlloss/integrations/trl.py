@@ -2,10 +2,13 @@
 
 Change one import::
 
-    from rlloss.integrations.trl import GRPOTrainer   # instead of: from trl import GRPOTrainer
+    # instead of: from trl import GRPOTrainer
+    from rlloss.integrations.trl import GRPOTrainer
 
-    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(loss_type="dapo", ...))
-    trainer = GRPOTrainer(..., objective=rlloss.GMPO())  # or any rlloss objective TRL lacks
+    args = GRPOConfig(loss_type="dapo", ...)
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=args)
+    # or any rlloss objective TRL lacks
+    trainer = GRPOTrainer(..., objective=rlloss.GMPO())
 
 With ``objective=None`` the numbers are TRL's own (value and gradient, every ``loss_type``);
 ``tests/test_integrations_trl.py`` compares both trainers on the same model and batch.
@@ -32,16 +35,23 @@ except ImportError as exc:  # pragma: no cover - exercised in an environment wit
     raise missing_trainer("trl", exc) from exc
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+"""The TRL ``loss_type`` values this trainer computes with rlloss."""
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-TRL_EPS = 1e-4  # TRL's reward-std epsilon (grpo_trainer: std + 1e-4)
-# The multimodal inputs TRL forwards to the model; rlloss passes them on untouched.
+"""The ``loss_type`` values whose surrogate is PPO's clip (the others name their own objective)."""
+TRL_EPS = 1e-4
+"""TRL's reward-std epsilon (its trainer divides by ``std + 1e-4``)."""
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+"""The multimodal inputs TRL forwards to the model; rlloss passes them on untouched."""
 BACKENDS = ("auto", "torch", "triton")
-# Config fields by which a model's logits differ from `hidden @ lm_head.weight.T + bias` (a soft cap, a scale):
-# linear_token_logprobs computes only that plain product, so such a model cannot take the hidden-states path.
+"""The values of ``backend=``, as every rlloss function takes them."""
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
+"""Config fields by which a model's logits differ from ``hidden @ lm_head.weight.T + bias``.
+
+A soft cap or a scale: ``linear_token_logprobs`` computes only that plain product, so such a model
+cannot take the hidden-states path.
+"""
 
 
 def loss_type_objective(trainer: Any) -> rlloss.Objective:

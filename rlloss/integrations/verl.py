@@ -12,10 +12,10 @@ Importing this module registers, through ``verl.trainer.ppo.core_algos.register_
   ``rlloss_reinforce_plus_plus_baseline``, ``rlloss_remax`` (``ESTIMATORS``).
 
 verl imports it in every process by itself: rlloss declares it as the ``verl.plugins`` entry point
-``rlloss`` (``pip install "rlloss[verl]"``, then ``import verl`` loads it); without the installed
+``rlloss`` (installing rlloss declares it; then ``import verl`` loads it); without the installed
 entry point set ``VERL_USE_EXTERNAL_MODULES=rlloss.integrations.verl``. Switching a run is one line::
 
-    actor_rollout_ref.actor.policy_loss.loss_mode=rlloss_ppo      # or rlloss_cispo, rlloss_gmpo, ...
+    actor_rollout_ref.actor.policy_loss.loss_mode=rlloss_ppo  # rlloss_cispo, ...
     algorithm.adv_estimator=rlloss_grpo
 
 Registration is idempotent: importing the module again (a reload, a second worker import) keeps
@@ -39,7 +39,9 @@ except ImportError as exc:  # pragma: no cover - exercised in an environment wit
     raise missing_trainer("verl", exc) from exc
 
 PREFIX = "rlloss_"
-VERL_EPS = 1e-6  # verl's epsilon for the group std
+"""The prefix of every name rlloss registers with verl (``rlloss_ppo``, ``rlloss_grpo``, ...)."""
+VERL_EPS = 1e-6
+"""verl's epsilon for the group std."""
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -108,7 +110,6 @@ def _dro(config: Any) -> rlloss.Objective:
     return rlloss.DRO(beta=beta)
 
 
-# name -> (objective from verl's actor config, the verl loss it reproduces, aggregation forced or None)
 POLICY_LOSSES: dict[str, tuple[Callable[[Any], rlloss.Objective], str | None, str | None]] = {
     "ppo": (_ppo, "vanilla", None),
     "gspo": (_gspo, "gspo", None),
@@ -123,6 +124,8 @@ POLICY_LOSSES: dict[str, tuple[Callable[[Any], rlloss.Objective], str | None, st
     "dro": (_dro, "dro", None),
     "vespo": (lambda config: rlloss.VESPO(), None, None),
 }
+"""The policy losses: name -> (its objective from verl's actor config, the verl loss it reproduces, the
+aggregation it forces or None)."""
 
 
 def verl_normalizer(loss_agg_mode: str, mask: torch.Tensor, global_batch_info: dict | None) -> dict[str, Any]:
@@ -264,7 +267,6 @@ def _remax(token_level_rewards, response_mask, reward_baselines=None, config=Non
     return adv.to(token_level_rewards.dtype), returns.to(token_level_rewards.dtype)
 
 
-# name -> (estimator, the verl estimator it reproduces)
 ESTIMATORS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], str]] = {
     "grpo": (_grouped("group"), "grpo"),
     "dr_grpo": (_grouped("none"), "grpo"),  # verl: grpo with norm_adv_by_std_in_grpo=False
@@ -275,6 +277,7 @@ ESTIMATORS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], st
     "reinforce_plus_plus_baseline": (_reinforce_pp_baseline, "reinforce_plus_plus_baseline"),
     "remax": (_remax, "remax"),
 }
+"""The advantage estimators: name -> (the estimator, the verl estimator it reproduces)."""
 
 
 def register() -> None:
