@@ -73,12 +73,18 @@ def sharded_tile_rows(h: int, elem: int) -> int:
 
 
 def tile_tokens(n: int, v: int, max_tile_bytes: int) -> int:
-    """Tokens per tile ``C`` for a ``[C, v]`` fp32 tile within ``max_tile_bytes``: all ``n`` if they fit,
-    else a multiple of ``TILE_ROWS`` (at least one row, below ``TILE_ROWS`` rows: a tiny budget)."""
+    """Tokens per tile ``C`` for a ``[C, v]`` fp32 tile within ``max_tile_bytes``: all ``n`` if they fit;
+    else a multiple of ``TILE_ROWS``, the chunks made as even as the budget allows (a small last chunk
+    would make its ``d weight`` product memory-bound); below ``TILE_ROWS`` rows (a tiny budget) as many
+    rows as fit, at least one."""
     rows = max(1, max_tile_bytes // (4 * max(v, 1)))
     if rows >= n:
         return max(n, 1)
-    return rows // TILE_ROWS * TILE_ROWS if rows >= TILE_ROWS else rows
+    if rows < TILE_ROWS:
+        return rows
+    most = rows // TILE_ROWS * TILE_ROWS
+    chunks = -(-n // most)
+    return -(-(-(-n // chunks)) // TILE_ROWS) * TILE_ROWS  # ceil(n / chunks), rounded up to TILE_ROWS
 
 
 def pack_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
