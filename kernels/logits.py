@@ -159,6 +159,56 @@ def _logits_bwd_kernel(
         tl.store(out + offs, (dz / temperature).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
+IDS_CHECK_BLOCK = 1024
+ID_NONE = 2**62  # the min and max of no bad id
+
+
+@triton.jit(debug=True)  # debug: tl.device_assert is compiled in (this kernel alone)
+def _ids_in_vocab_kernel(
+    ids_ptr, mask_ptr, out_ptr, n, T, V, s_ids_b, s_ids_t, s_m_b, s_m_t,
+    BLOCK: tl.constexpr,
+):
+    """One program over the ``[B, T]`` ids: how many at valid positions lie outside ``[0, V)``, and the
+    least and the greatest of them, into ``out[0:3]``; on a GPU a device-side assert when any does."""
+    count = tl.zeros((), tl.int64)
+    lo = tl.full((), ID_NONE_, tl.int64)
+    hi = tl.full((), -ID_NONE_, tl.int64)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        inside = offs < n
+        b, t = offs // T, offs % T
+        valid = inside & (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inside, other=0) != 0)
+        x = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t, mask=valid, other=0).to(tl.int64)
+        bad = valid & ((x < 0) | (x >= V))
+        count += tl.sum(bad.to(tl.int64), axis=0)
+        lo = tl.minimum(lo, tl.min(tl.where(bad, x, ID_NONE_), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(bad, x, -ID_NONE_), axis=0))
+    tl.store(out_ptr, count)
+    tl.store(out_ptr + 1, lo)
+    tl.store(out_ptr + 2, hi)
+    tl.device_assert(count == 0, "rlloss: ids outside the vocabulary of logits where mask is True")
+
+
+ID_NONE_: tl.constexpr = tl.constexpr(ID_NONE)
+
+
+def check_ids_in_vocab(ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
+    """Ids read as tokens (``mask`` True) must index the vocabulary: one launch, no host sync on a GPU
+    (a device-side assert, surfacing at the next sync). In Triton's interpreter (CPU tensors) the
+    assert is not compiled: its check is made here, as the ``ValueError`` of the reference's."""
+    B, T = ids.shape
+    out = torch.empty(3, dtype=torch.int64, device=ids.device)
+    m = as_bytes(mask)
+    _ids_in_vocab_kernel[(1,)](ids, m, out, B * T, max(T, 1), vocab, ids.stride(0), ids.stride(1), m.stride(0),
+                               m.stride(1), BLOCK=IDS_CHECK_BLOCK)
+    if ids.device.type == "cpu":
+        count, lo, hi = out.tolist()
+        if count:
+            raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in [{lo}, {hi}] at "
+                             f"{count} valid position(s); padding ids (such as -100) are never tokens: mask them out "
+                             "(mask= False there) so they are not read")
+
+
 def vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch and time strides, but a unit vocabulary stride."""
     return logits if logits.stride(2) == 1 else logits.contiguous()

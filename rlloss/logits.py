@@ -208,9 +208,6 @@ def policy_loss_from_logits(
         # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
         args = _checked_loss_options(logits[..., 0], old_logp, adv, mask, loss_options)
         if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
-            # the kernel reads ids where mask is True: one outside the vocabulary raises here (a device-side
-            # assert off the CPU), not a NaN loss later
-            check_ids_in_vocab(ids, logits.shape[2], where=mask_b)
             num_tokens = loss_options.get("num_tokens")
             if not isinstance(num_tokens, torch.Tensor):  # as policy_loss's fused path: only a host count warns
                 warn_if_empty(num_tokens, EMPTY_STEP)
