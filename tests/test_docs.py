@@ -8,6 +8,8 @@ namespace per file, on CPU tensors. Two HTML comments (invisible in the rendered
 * ``<!-- no-run: <reason> -->`` on the line just before a block: the block is not run (a sketch with
   ``...``, a block that needs a GPU or ``torchrun``); it is reported as a skip with its reason.
 
+A page whose runnable blocks (its prerequisites' included) import TRL or verl is marked ``trainers``:
+deselected by default, run with ``-m trainers`` in the trainers' environment (.ci/run's second one).
 A block that imports TRL, verl or transformers runs when they are installed; without them the file
 is skipped, except under ``CI=true`` (CI installs them), where it fails. docs/contributing.md says
 the same for authors.
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FILES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 OPTIONAL = ("trl", "verl", "transformers")  # installed in CI; a block needing them skips elsewhere
+
+TRAINERS = re.compile(r"^\s*(?:import|from)\s+(?:trl|verl|rlloss\.integrations\.(?:trl|verl))\b", re.MULTILINE)
 
 _AFTER = re.compile(r"^<!-- docs-test: after (\S+\.md) -->$")
 _NO_RUN = re.compile(r"^<!-- no-run: (.*\S) -->$")
@@ -101,7 +105,15 @@ def run_blocks(path: Path, namespace: dict, seen: tuple[Path, ...] = ()) -> int:
 RUNNABLE = [path for path in FILES if any(block.no_run is None for block in blocks(path))]
 
 
-@pytest.mark.parametrize("path", RUNNABLE, ids=_name)
+def needs_trainer(path: Path) -> bool:
+    """Whether a runnable block of ``path``, or of a page it continues, imports TRL or verl."""
+    before = prerequisite(path)
+    return (any(TRAINERS.search(b.code) for b in blocks(path) if b.no_run is None)
+            or (before is not None and needs_trainer(before)))
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.trainers) if needs_trainer(p) else p
+                                  for p in RUNNABLE], ids=_name)
 def test_code_blocks_run(path: Path) -> None:
     runnable = [b for b in blocks(path) if b.no_run is None]
     namespace: dict = {"__name__": f"docs_{path.stem}"}
@@ -119,6 +131,17 @@ def test_no_run_blocks_say_why(block: Block) -> None:
     pytest.skip(f"not run: {block.no_run}")
 
 
+def test_pages_that_import_a_trainer_are_marked(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nimport rlloss\n```\n\n```python\nfrom rlloss.integrations.trl import GRPOTrainer\n```\n")
+    assert needs_trainer(page)
+    after = tmp_path / "after.md"
+    after.write_text("<!-- docs-test: after page.md -->\n```python\nx = 1\n```\n")
+    assert needs_trainer(after)
+    page.write_text("<!-- no-run: a sketch -->\n```python\nimport trl\n```\n\n```python\nimport trlx_like\n```\n")
+    assert not needs_trainer(page) and not needs_trainer(after)
+
+
 def test_every_markdown_file_is_collected() -> None:
     # README and every page, so a page added later is tested without editing this file.
     assert ROOT / "README.md" in FILES and DOCS / "getting-started.md" in FILES
@@ -131,7 +154,10 @@ def test_readme_is_a_front_page_with_the_two_commands() -> None:
     # The two set-up commands, word for word (GUIDE: the whole set-up on a fresh machine).
     assert '```bash\npip install torch==2.13.0 -e ".[dev]" && python benchmarks/bench_loss.py\n```' in readme
     assert '```bash\npip install torch==2.13.0 -e ".[dev]" && TRITON_INTERPRET=1 python -m pytest -q\n```' in readme
-    assert "TRITON_INTERPRET=1 python -m pytest -q" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    # CI runs both of the test line's commands word for word (in a fresh environment), and the trainers' tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert '\npip install torch==2.13.0 -e ".[dev]"' in ci and "\nTRITON_INTERPRET=1 python -m pytest -q ||" in ci
+    assert "python -m pytest -q -m trainers" in ci and "python -m pytest -m trainers" in readme
     # The README links into the docs; the details live there, not here.
     size = len(readme.encode("utf-8"))
     assert size <= 12_000, f"README.md is {size} bytes: move the details into docs/ and link to them"
