@@ -136,6 +136,30 @@ def test_ppo_metrics_match_verl():
     assert want["actor/pg_clipfrac_lower"].aggregate() > 0 and want["actor/pg_clipfrac"].aggregate() > 0
 
 
+# every objective whose verl loss logs actor/pg_clipfrac: (verl loss_mode, ActorConfig fields, PolicyLossConfig fields)
+CLIPPING = {**{name: PAIRS[name] for name in ("ppo", "gspo", "cispo", "dppo_tv", "dppo_kl", "clip_cov")},
+            "gmpo": ("geo_mean", dict(clip_ratio_low=0.1, clip_ratio_high=0.15), {})}
+
+
+@pytest.mark.parametrize("name", list(CLIPPING))
+def test_clip_fractions_match_verl(name):
+    """actor/pg_clipfrac (and pg_clipfrac_lower where verl logs it) as verl's own loss logs them, same batch."""
+    verl_mode, actor, policy = CLIPPING[name]
+    want = run_ppo_loss(verl_mode, "token-mean", LOCAL, actor=actor, policy=policy)[2]
+    got = run_ppo_loss(rv.PREFIX + name, "token-mean", LOCAL, actor=actor, policy=policy)[2]
+    keys = [key for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower") if key in want]
+    assert "actor/pg_clipfrac" in keys and want["actor/pg_clipfrac"].aggregate() > 0  # the batch clips
+    for key in keys:
+        assert got[key].aggregate() == pytest.approx(want[key].aggregate(), rel=1e-6, abs=1e-7), key
+
+
+def test_objectives_that_clip_nothing_log_no_clip_fraction():
+    for name in set(rv.POLICY_LOSSES) - set(CLIPPING):
+        policy = {"dro_beta": 0.3} if name == "dro" else {}
+        got = run_ppo_loss(rv.PREFIX + name, "token-mean", LOCAL, policy=policy)[2]
+        assert "actor/pg_clipfrac" not in got, name
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_verl_adds_kl_and_entropy_once(mode):
     """rlloss's losses are called with beta=0: verl's KL and entropy terms come on top, as for vanilla."""
