@@ -254,9 +254,9 @@ def warn_if_suspicious(nonfinite: torch.Tensor, positive: torch.Tensor, where: s
                       "them out (metrics['nonfinite_inputs'] counts them)", SuspiciousInputWarning,
                       stacklevel=_caller_stacklevel())
     if above:
-        warnings.warn(f"{where}: {above} valid position(s) have a log-prob (logp, old_logp or ref_logp) above 0 (by more than 2**-10), "
-                      "which no log-probability is: logits passed as log-probs, or a broken log-prob computation "
-                      "upstream? They are used as given (metrics['positive_logp'] counts them)",
+        warnings.warn(f"{where}: {above} valid position(s) have a log-prob (logp, old_logp or ref_logp) above 0 "
+                      "(by more than 2**-10), which no log-probability is: logits passed as log-probs, or a broken "
+                      "log-prob computation upstream? They are used as given (metrics['positive_logp'] counts them)",
                       SuspiciousInputWarning, stacklevel=_caller_stacklevel())
 
 

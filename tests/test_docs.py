@@ -133,7 +133,8 @@ def test_no_run_blocks_say_why(block: Block) -> None:
 
 def test_pages_that_import_a_trainer_are_marked(tmp_path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("```python\nimport rlloss\n```\n\n```python\nfrom rlloss.integrations.trl import GRPOTrainer\n```\n")
+    page.write_text("```python\nimport rlloss\n```\n\n"
+                    "```python\nfrom rlloss.integrations.trl import GRPOTrainer\n```\n")
     assert needs_trainer(page)
     after = tmp_path / "after.md"
     after.write_text("<!-- docs-test: after page.md -->\n```python\nx = 1\n```\n")

@@ -46,6 +46,9 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 VOCAB = ["<pad>", "<eos>"] + [str(i) for i in range(30)]
 B, P, C = 4, 3, 6  # micro-batch rows, prompt and completion lengths
 GA = 2  # gradient accumulation steps = steps_per_generation
+# use_liger_kernel=True: rlloss's warning without liger-kernel and TRL's deprecation, both expected
+HIDDEN_PATH_WARNINGS = ("ignore:use_liger_kernel=True without liger-kernel",
+                        "ignore:`use_liger_kernel=True` is deprecated")
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +226,14 @@ HIDDEN_CASES = {
 }
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 @pytest.mark.parametrize("case", list(HIDDEN_CASES))
 def test_loss_from_hidden_matches_trl(checkpoint, tmp_path, case):
     config, attrs, input_options = HIDDEN_CASES[case]
     compare(checkpoint, tmp_path, config, attrs, input_options, ours_config=dict(use_liger_kernel=True))
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 @pytest.mark.parametrize("case", ["grpo-beta0.1", "dapo-top-entropy-bonus"])
 def test_loss_from_hidden_matches_trl_with_triton(checkpoint, tmp_path, case):
     """backend="triton": rlloss's fused LM-head kernel (no logits; Triton's interpreter on a CPU), TRL's numbers."""
@@ -282,7 +285,7 @@ def test_loss_from_hidden_needs_no_liger(checkpoint, tmp_path):
         assert not [w for w in again if "liger-kernel" in str(w.message)]
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 def test_loss_from_hidden_with_lm_head_bias(checkpoint, tmp_path):
     """An LM head with a bias (Qwen2 has none: the same one added to both trainers): TRL's loss and
     gradients, the bias's included."""
@@ -300,7 +303,7 @@ def test_loss_from_hidden_with_lm_head_bias(checkpoint, tmp_path):
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 def test_loss_from_hidden_refuses_multimodal_inputs(checkpoint, tmp_path):
     trainer = build(GRPOTrainer, checkpoint, tmp_path, use_liger_kernel=True)
     inputs = make_inputs(trainer)
@@ -320,7 +323,7 @@ def test_loss_from_hidden_refuses_transformed_logits(checkpoint, tmp_path, name,
         build(GRPOTrainer, (str(tmp_path / "transformed"), tokenizer), tmp_path, use_liger_kernel=True)
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 @pytest.mark.parametrize("loss_type, ours_config", [("grpo", {}), ("dapo", {}), ("dapo", dict(use_liger_kernel=True))])
 def test_compute_loss_matches_trl_in_eval(checkpoint, tmp_path, loss_type, ours_config):
     """Eval: no accumulation factor (TRL divides by GA only in training)."""
@@ -403,7 +406,8 @@ def test_bad_keywords(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("objective, loss_type", [
     (rlloss.DAPO, "'dapo'"), ("dapo", "'dapo'"), (rlloss.DR_GRPO, "'dr_grpo'"), ("dr_grpo", "'dr_grpo'"),
-    ("grpo", "'grpo'"), ("bnpo", "'bnpo'"), ("luspo", "'luspo'"), ("gspo", "'grpo'"), (rlloss.recipes.CISPO_RECIPE, "'cispo'"),
+    ("grpo", "'grpo'"), ("bnpo", "'bnpo'"), ("luspo", "'luspo'"), ("gspo", "'grpo'"),
+    (rlloss.recipes.CISPO_RECIPE, "'cispo'"),
 ])
 def test_a_recipe_as_objective_names_its_loss_type(checkpoint, tmp_path, objective, loss_type):
     """Recipes are TRL loss types: the error, raised when the trainer is built, says GRPOConfig(loss_type=...)
@@ -465,7 +469,7 @@ def test_missing_trl_names_the_extra():
     assert 'pip install "rlloss[trl]"' in out
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 @pytest.mark.parametrize("loss_type, extra_config, ours_config", [
     ("dapo", dict(beta=0.1), {}),
     ("grpo", dict(importance_sampling_level="sequence"), {}),
@@ -523,7 +527,7 @@ def test_finite_where_trl_overflows(checkpoint, tmp_path, loss_type):
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.filterwarnings("ignore:use_liger_kernel=True without liger-kernel", "ignore:`use_liger_kernel=True` is deprecated")
+@pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
 @pytest.mark.parametrize("from_hidden", [False, True])
 def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory, from_hidden):
     """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer (with

@@ -225,7 +225,8 @@ class GRPOTrainer(trl.GRPOTrainer):
     ``use_liger_kernel`` (its FutureWarning stays) and with it applies only Liger's layer kernels
     (RMSNorm, RoPE, SwiGLU) at ``train()``: here too when liger-kernel is installed; without it they
     are skipped with a warning (on a copy of ``args``), never an ImportError; the warning's message
-    starts with ``NO_LIGER``, which ``warnings.filterwarnings("ignore", message=NO_LIGER)`` silences. Not supported with it:
+    starts with ``NO_LIGER``, which ``warnings.filterwarnings("ignore", message=NO_LIGER)``
+    silences. Not supported with it:
     models whose logits are soft-capped or scaled (``final_logit_softcapping``, ``logit_scale``, ...),
     DeepSpeed ZeRO-3, multimodal inputs. TRL's features around the loss go through rlloss's helpers:
     ``top_entropy_quantile`` (``rlloss.distributed.top_entropy_mask``), ``off_policy_mask_threshold``
