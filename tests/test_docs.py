@@ -9,6 +9,8 @@ runs top to bottom with its own imports and no name from another page. One HTML 
   ``...``, a block that needs a GPU, ``torchrun`` or a download); it is reported as a skip with its
   reason, and still has to compile.
 
+A page whose runnable blocks import TRL or verl is marked ``trainers``:
+deselected by default, run with ``-m trainers`` in the trainers' environment (.ci/run's second one).
 A block that imports TRL, verl or transformers runs when they are installed; without them the file
 is skipped, except under ``CI=true`` (CI installs them), where it fails. docs/contributing.md says
 the same for authors. Without a browser, the pages' code lines are checked against the width a code
@@ -31,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FILES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 OPTIONAL = ("trl", "verl", "transformers")  # installed in CI; a block needing them skips elsewhere
+
+TRAINERS = re.compile(r"^\s*(?:import|from)\s+(?:trl|verl|rlloss\.integrations\.(?:trl|verl))\b", re.MULTILINE)
 
 _NO_RUN = re.compile(r"^<!-- no-run: (.*\S) -->$")
 
@@ -89,7 +93,13 @@ def run_blocks(path: Path, namespace: dict) -> int:
 RUNNABLE = [path for path in FILES if any(block.no_run is None for block in blocks(path))]
 
 
-@pytest.mark.parametrize("path", RUNNABLE, ids=_name)
+def needs_trainer(path: Path) -> bool:
+    """Whether a runnable block of ``path`` imports TRL or verl."""
+    return any(TRAINERS.search(b.code) for b in blocks(path) if b.no_run is None)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.trainers) if needs_trainer(p) else p
+                                  for p in RUNNABLE], ids=_name)
 def test_code_blocks_run(path: Path) -> None:
     runnable = [b for b in blocks(path) if b.no_run is None]
     namespace: dict = {"__name__": f"docs_{path.stem}"}  # fresh: nothing from another page
@@ -105,6 +115,15 @@ def test_no_run_blocks_say_why(block: Block) -> None:
     # The block still has to be Python: a sketch with a syntax error would mislead a reader.
     compile(block.code, f"{_name(block.file)}:{block.line}", "exec")
     pytest.skip(f"not run: {block.no_run}")
+
+
+def test_pages_that_import_a_trainer_are_marked(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nimport rlloss\n```\n\n"
+                    "```python\nfrom rlloss.integrations.trl import GRPOTrainer\n```\n")
+    assert needs_trainer(page)
+    page.write_text("<!-- no-run: a sketch -->\n```python\nimport trl\n```\n\n```python\nimport trlx_like\n```\n")
+    assert not needs_trainer(page)
 
 
 def test_every_markdown_file_is_collected() -> None:
@@ -220,7 +239,10 @@ def test_readme_is_a_front_page_with_the_two_commands() -> None:
     # The two set-up commands, word for word (GUIDE: the whole set-up on a fresh machine).
     assert '```bash\npip install torch==2.13.0 -e ".[dev]" && python benchmarks/bench_loss.py\n```' in readme
     assert '```bash\npip install torch==2.13.0 -e ".[dev]" && TRITON_INTERPRET=1 python -m pytest -q\n```' in readme
-    assert "TRITON_INTERPRET=1 python -m pytest -q" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    # CI runs both of the test line's commands word for word (in a fresh environment), and the trainers' tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert '\npip install torch==2.13.0 -e ".[dev]"' in ci and "\nTRITON_INTERPRET=1 python -m pytest -q ||" in ci
+    assert "python -m pytest -q -m trainers" in ci and "python -m pytest -m trainers" in readme
     # The README links into the docs; the details live there, not here.
     size = len(readme.encode("utf-8"))
     assert size <= 12_000, f"README.md is {size} bytes: move the details into docs/ and link to them"

@@ -36,6 +36,7 @@ import torch
 
 from .measure import PieceInputs, _check_int, accumulate, audit_steps
 from .probe import Batch, Piece, Split
+from ..integrations import EXTRAS
 from .result import Audit
 
 VOCAB = ["<pad>", "<eos>"] + [str(i) for i in range(30)]
@@ -46,7 +47,7 @@ def _import_trl() -> Any:
         import trl
     except ImportError as exc:
         raise ImportError(f"rlloss.audit.audit_trl needs TRL, which failed to import ({exc}); install the tested "
-                          'version with: pip install "rlloss[trl]"') from exc
+                          f"version with: {EXTRAS['trl']} (in the root of rlloss's checkout)") from exc
     return trl
 
 

@@ -23,6 +23,7 @@ import torch
 
 from .measure import _call_loss_fn, _check_int, accumulate, audit_steps
 from .probe import Batch, Split
+from ..integrations import EXTRAS
 from .result import Audit
 
 PROMPT = 1  # prompt tokens per row: verl's layout needs at least one
@@ -34,7 +35,7 @@ def _import_verl() -> Any:
         from verl.workers.config import ActorConfig
     except ImportError as exc:
         raise ImportError(f"rlloss.audit.audit_verl needs verl, which failed to import ({exc}); install the tested "
-                          'version with: pip install "rlloss[verl]"') from exc
+                          f"version with: {EXTRAS['verl']} (in the root of rlloss's checkout)") from exc
     return verl, ActorConfig
 
 
