@@ -122,3 +122,27 @@ def test_the_default_run_deselects_the_trainer_tests():
     out = run.stdout + run.stderr
     assert run.returncode == 5, out  # nothing left to run
     assert re.search(r"\b\d{2,} deselected", out) and "skipped" not in out and "error" not in out.lower(), out
+
+
+def test_a_kernel_runs_through_rlloss_on_the_cpu():
+    """A fused call on CPU tensors: Triton's interpreter runs it (the subprocess test below runs this one)."""
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the kernels run compiled")
+    import rlloss
+
+    logits = torch.randn(2, 3, 5)
+    ids = torch.randint(0, 5, (2, 3))
+    got = rlloss.token_logprobs(logits, ids, backend="triton")
+    torch.testing.assert_close(got, rlloss.token_logprobs(logits, ids, backend="torch"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine TRITON_INTERPRET is not needed")
+def test_plain_pytest_without_the_variable_runs_the_kernels_in_the_interpreter():
+    """``python -m pytest`` without ``TRITON_INTERPRET``: tests/conftest.py sets it, and nothing pytest loads before
+    conftest (its configuration included: a warning filter naming an rlloss class imports rlloss, hence torch's
+    compiler, hence triton) may import triton first, or kernels decorated afterwards are not interpreted."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_setup.py::test_a_kernel_runs_through_rlloss_on_the_cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
