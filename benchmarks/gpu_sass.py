@@ -144,12 +144,14 @@ def access_width(opcode: str) -> int:
 
 
 def parse_sass(sass: str) -> dict[str, Any]:
-    """Counts of global loads/stores by width, atomics, tensor-core multiplies and local-memory accesses in a SASS listing."""
+    """Counts of global loads/stores by width, atomics, tensor-core multiplies, barriers and local-memory
+    accesses in a SASS listing."""
     ldg: Counter[int] = Counter()
     stg: Counter[int] = Counter()
     atomics: Counter[str] = Counter()
     mma: Counter[str] = Counter()
     local = 0
+    barriers = 0
     opcodes = 0
     for line in sass.splitlines():
         m = _SASS_LINE.search(line)
@@ -168,12 +170,15 @@ def parse_sass(sass: str) -> dict[str, Any]:
             atomics[op] += 1
         if base in ("HMMA", "HGMMA"):  # tensor-core matrix multiplies (sm_80 / sm_90a)
             mma[base] += 1
+        if base == "BAR":  # a thread-block barrier (Triton's reductions, tl.debug_barrier)
+            barriers += 1
     return {
         "instructions": opcodes,
         "ldg": {str(w): n for w, n in sorted(ldg.items(), reverse=True)},
         "stg": {str(w): n for w, n in sorted(stg.items(), reverse=True)},
         "atomics": dict(atomics),
         "mma": dict(mma),
+        "barriers": barriers,
         "local_accesses": local,
     }
 

@@ -254,29 +254,45 @@ def scenarios() -> list[tuple[str, Callable[[], None]]]:
     add("token_logprobs V=1000 fp32, logp only", logits_run(f32, 1000, entropy=False))
     add("policy_loss_from_logits V=32768 bf16, in place", logits_run(torch.bfloat16, 32768, loss=True, inplace=True))
 
-    # linear_token_logprobs (from hidden states): H = 4096, V = 1000 (not a multiple of the blocks)
-    def hidden_run(dt, bias=True, entropy="grad"):
-        """``entropy``: "grad" (both kernels' entropy terms), "unused" (returned, not differentiated: the
-        d hidden kernel without them), "none" (the forward that forms d logp / d hidden, then d weight)."""
+    # from hidden states: the tile epilogues (statistics; d logits in place, fp32, or 16-bit into each fp32
+    # row's first half) and, on the loss path, policy_loss's per-token kernel on each chunk's gathered
+    # inputs; V of 1000 (not a multiple of the blocks), 37 (one small block) and 151936 (Qwen2.5, 4096-wide
+    # blocks); H and N odd; tiles of all N tokens and of fewer (a last, partial chunk)
+    def hidden_run(dt, v=1000, h=97, bias=True, what="grad", tile=None):
+        """``what``: "grad" (log-prob and entropy differentiated), "metric" (the entropy detached), "loss"
+        (DAPO: the loss path), "loss+" (an entropy bonus, KL with bias correction, per-token weights and
+        advantages), "gspo" (a row statistic: the general path under the loss)."""
         def run():
             gen = torch.Generator().manual_seed(5)
-            h = torch.randn(2, 8, 4096, generator=gen).to(dt).requires_grad_(True)
-            w = torch.randn(1000, 4096, generator=gen).to(dt).requires_grad_(True)
-            b = torch.randn(1000, generator=gen).to(dt).requires_grad_(True) if bias else None
-            ids = torch.randint(0, 1000, (2, 8), generator=gen)
-            if entropy == "none":
-                rlloss.linear_token_logprobs(h, w, ids, bias=b, backend="triton").sum().backward()
+            hidden = torch.randn(3, 7, h, generator=gen).to(dt).requires_grad_(True)
+            w = (torch.randn(v, h, generator=gen) / h**0.5).to(dt).requires_grad_(True)
+            b = torch.randn(v, generator=gen).to(dt).requires_grad_(True) if bias else None
+            ids = torch.randint(0, v, (3, 7), generator=gen)
+            mask = torch.rand(3, 7, generator=gen) > 0.2
+            budget = None if tile is None else 4 * v * tile
+            if what in ("grad", "metric"):
+                logp, ent = rlloss.linear_token_logprobs(hidden, w, ids, bias=b, mask=mask, return_entropy=True,
+                                                         entropy_grad=what == "grad", max_tile_bytes=budget,
+                                                         backend="triton")
+                (logp.sum() + (ent.sum() if what == "grad" else 0)).backward()
                 return
-            logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend="triton")
-            (logp.sum() + (ent.sum() if entropy == "grad" else 0)).backward()
+            old, adv = -torch.rand(3, 7, generator=gen) * 3, torch.randn(3, generator=gen)
+            kw = {"level": "sequence"} if what == "gspo" else {}
+            if what == "loss+":
+                kw = dict(entropy_coef=0.01, beta=0.04, ref_logp=old + 0.1, kl_bias_correction=True,
+                          token_weights=torch.rand(3, 7, generator=gen), aggregation="seq_mean_token_mean")
+                adv = adv[:, None] * torch.rand(3, 7, generator=gen)
+            out = rlloss.policy_loss_from_hidden(hidden, w, ids, old, adv, mask, bias=b, max_tile_bytes=budget,
+                                                 backend="triton", **kw)
+            out.loss.backward()
         return run
 
     for dn, dt in dtypes.items():
-        add(f"linear_token_logprobs H=4096 V=1000 {dn}", hidden_run(dt))
-        add(f"linear_token_logprobs {dn}, logp only", hidden_run(dt, entropy="none"))
-    for entropy in ("grad", "none"):  # heads without a bias (Qwen, Llama): their own specialisations
-        add(f"linear_token_logprobs bf16, no bias, entropy {entropy}", hidden_run(torch.bfloat16, bias=False,
-                                                                                 entropy=entropy))
-    add("linear_token_logprobs bf16, no bias, entropy returned unused", hidden_run(torch.bfloat16, bias=False,
-                                                                                  entropy="unused"))
+        for what in ("grad", "metric", "loss", "loss+", "gspo"):
+            add(f"from hidden V=1000 H=97 {dn}, {what}", hidden_run(dt, what=what))
+        add(f"from hidden V=151936 H=8 {dn}, loss, no bias, tiles of 8", hidden_run(dt, v=151936, h=8, bias=False,
+                                                                                     what="loss", tile=8))
+        add(f"from hidden V=37 H=5 {dn}, grad, tiles of 5", hidden_run(dt, v=37, h=5, what="grad", tile=5))
+    for what in ("grad", "loss"):  # heads without a bias (Qwen, Llama): their own specialisations
+        add(f"from hidden bf16, no bias, {what}", hidden_run(torch.bfloat16, bias=False, what=what))
     return out

@@ -81,15 +81,29 @@ def _stderr_silenced() -> Iterator[None]:
 
 
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of allocations minus frees while ``fn`` runs, from the profiler's memory events."""
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs, from the profiler's allocation events.
+
+    Each allocation and each free is one event (``alloc_size``, negative for a free) with its time:
+    summed in time order they give the live bytes. (The profiler's per-op ``cpu_memory_usage`` holds
+    the allocations of every op nested inside, so summing it counts an allocation several times;
+    its ``self_cpu_memory_usage`` books a free at the start of the op that frees, before the
+    allocations made inside it: both misplace the peak.)
+    """
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    sizes: list[tuple[int, int]] = []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
+        nodes.extend(node.children)
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, size in sorted(sizes):
+        live += size
         peak = max(peak, live)
     return peak
 

@@ -232,6 +232,24 @@ def _mul_kernel(g_ptr, grad_out_ptr, out_ptr, n, BLOCK: tl.constexpr):
 ELEMENTWISE_BLOCK = 1024
 
 
+@triton.jit
+def _scale_kernel(g_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * tl.load(scale_ptr).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def scalar_scale(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g * scale`` in ``dtype`` (``g`` contiguous, ``scale`` one element on ``g``'s device), in fp32."""
+    out = torch.empty(g.shape, dtype=dtype, device=g.device)
+    n = g.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](g, scale.reshape(1), out, n, BLOCK=ELEMENTWISE_BLOCK,
+                                                            num_warps=NUM_WARPS)
+    return out
+
+
 def elementwise_grad(g: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Backward of an elementwise op whose forward stored d out / d in as ``g``: ``g * grad_out``."""
     out = torch.empty(g.shape, dtype=dtype, device=g.device)

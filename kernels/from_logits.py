@@ -1,4 +1,4 @@
-"""Fused ``policy_loss_from_logits``: the loss, its metrics and d loss / d logits in four launches.
+"""Fused ``policy_loss_from_logits``: the loss, its metrics and d loss / d logits in five launches.
 
 Mirrors ``rlloss.logits.policy_loss_from_logits`` (``token_logprobs`` then ``policy_loss`` minus
 ``entropy_coef`` times the aggregated entropy) without the per-token torch glue between them:
@@ -11,15 +11,16 @@ Mirrors ``rlloss.logits.policy_loss_from_logits`` (``token_logprobs`` then ``pol
 4. backward, ``_logits_bwd_kernel`` with ``FROM_LOSS``: d loss / d logits from the stored
    d loss / d logp, the normaliser and the entropy coefficient, in one more read of the logits.
 
-GSPO and VESPO add their row-statistics launch (5). No host sync: the id range is checked in the
-first kernel (an id outside the vocabulary at a valid position makes the loss NaN).
+Before them, ``_ids_in_vocab_kernel`` checks that every id read lies in the vocabulary (one program;
+a device-side assert on a GPU, a ``ValueError`` in the interpreter): 5 launches, GSPO and VESPO 6
+with their row-statistics launch. No host sync.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .logits import token_logprobs_forward
+from .logits import check_ids_in_vocab, token_logprobs_forward
 from .policy_loss import policy_loss_forward
 
 
@@ -40,6 +41,7 @@ def policy_loss_from_logits_forward(
     **loss_args,
 ) -> tuple[torch.Tensor, ...]:
     """``(loss, metrics, lse, entropy, g, factor, row_factor)``; ``loss_args`` as ``policy_loss_forward``'s."""
+    check_ids_in_vocab(ids, mask, logits.shape[2])
     logp, entropy, lse = token_logprobs_forward(logits, ids, temperature, True, mask=mask)
     loss, metrics, g, factor, row_factor = policy_loss_forward(
         logp, old_logp, adv, mask, ref_logp, token_weights, num_tokens, num_seqs, needs_grad=needs_grad,

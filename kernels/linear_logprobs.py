@@ -1,299 +1,90 @@
-"""Token log-probs and entropy straight from hidden states and the LM head: no ``[N, V]`` logits.
+"""Token log-probs, entropy and the loss's gradient from hidden states and the LM head, one bounded
+logits tile at a time: never the ``[N, V]`` logits.
 
 Mirrors ``rlloss.hidden._linear_token_logprobs_torch`` (logits ``z = (hidden @ weight.T + bias) / T``,
-then ``token_logprobs``) without ever writing a tile of logits to memory:
+then ``token_logprobs``). The tokens, valid ones packed first on the device (``pack_valid``: a stable
+sort of the mask, no host sync), go through in chunks of ``C``; each chunk's logits over the whole
+(local) vocabulary are one fp32 tile ``[C, V]``, the product of a library matmul (cuBLAS on CUDA,
+with ``out_dtype=torch.float32`` for 16-bit inputs where torch has it: bf16 operands, fp32
+accumulation and output; an fp32 upcast elsewhere, the CPU included), which Triton row epilogues
+read:
 
-* ``_linear_fwd_kernel``: one program per block of (packed) tokens walks the vocabulary in blocks;
-  each logits tile is a ``tl.dot`` over ``H`` held in registers, folded into per-token running
-  statistics: the max ``m`` (starting at -inf), ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``
-  (the entropy's sum taken against the running max, rescaled when it moves, so logits near 1e4 lose
-  no digits) and the target logit, picked out of the same tile (so ``logp <= 0`` always).
-  With ``HIDDEN_GRAD`` (only the log-prob will carry a gradient) it also adds ``exp(z - m) @ weight``
-  over the other tokens into its own fp32 rows, rescaled as ``s`` is (flash attention's ``P @ V``),
-  and the other tokens' mass ``sx``; ``_linear_finish_kernel`` (after the shards' statistics are
-  combined, with ``group``) makes them ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id}
-  p_v weight[v]) / T``: backward then scales those rows by the upstream gradient, with no matmul
-  for ``d hidden``.
-* ``_linear_dh_kernel``: one program per token block recomputes its logits tiles, forms
-  ``d logits`` in registers and adds ``d logits @ weight`` into its own rows of an fp32 ``d hidden``
-  accumulator (all of ``d hidden``, or the entropy's part after a ``HIDDEN_GRAD`` forward).
-* ``_linear_dw_kernel``: one program per vocabulary block loops over the token blocks in order,
-  recomputes the tiles and adds ``d logits^T @ hidden`` into its own rows of an fp32 ``d weight``
-  accumulator, and sums ``d bias`` in registers.
+* ``_tile_stats_kernel``: one program per token row, ``row_softmax_stats`` (``kernels.logits``) of
+  ``(tile + bias) / T``: the max ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)`` (the
+  entropy's sum against the running max) and the target logit ``zt``. ``finish_stats`` turns them
+  into ``logp``, the entropy and the logsumexp (after a vocabulary-parallel caller has combined
+  the shards' statistics).
+* ``_logits_bwd_kernel`` (``kernels.logits``, shared with the from-logits path): ``d logits =
+  (g_l (1[v = id] - p) - g_H p (log p + H)) / T`` written over the tile: fp32 in place for an fp32
+  head; for a 16-bit head, in its dtype into the first half of each fp32 row (tensor cores need
+  16-bit operands, and no second buffer is needed). Then ``d hidden = d logits @ weight`` (the
+  chunk's rows, complete: the tile spans the whole vocabulary) and ``d weight += d logits^T @
+  hidden`` (fp32 accumulator), both by the library matmul; ``d bias`` sums the rows in fp32.
 
-Every accumulator row has one owner program and a fixed loop order: no atomics, bitwise
-deterministic. The accumulators live in memory (an fp32 ``[N, H]`` or ``[V, H]`` does not fit on
-chip), read and written once per tile: long, thin backward tiles keep that traffic down, and
-``benchmarks/bench_hidden.py`` counts it. Tokens are packed valid-first (``pack_valid``: ``order``, a stable sort of the mask,
-and ``count``, the number of valid tokens, both on the device): programs past ``count`` return at
-once, so padding costs no matmul and its ids are never read. ``vocab_start`` (a device scalar) is
-the first global id of this weight shard (0 without tensor parallelism).
+``run_chunks`` is the one loop every path takes, per chunk: gather the rows, the tile, its
+statistics, then (when a gradient is wanted) the per-token upstream gradients and ``d logits``:
 
-Precision: products accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` (full fp32
-products, as torch's default matmul), bf16/fp16 inputs run on tensor cores. ``d logits``, and
-the forward's ``exp(z - m)`` tile before ``P @ W``, are rounded to the input dtype before their
-matmuls (tensor cores need it), the accumulation stays fp32. Triton's interpreter multiplies bf16
-``tl.dot`` operands as integers, so there (``INTERPRETER_BF16``, never set on a GPU) bf16 tiles
-are upcast to fp32 first: the same values, exact products (fp16 runs its own path in the
-interpreter too).
+* the loss path (``policy_loss_from_hidden`` with a token-local objective): the upstream
+  gradients are the loss's own, known once the chunk's log-probs are, so the forward forms the
+  gradients: 3 matmuls over the head (logits, ``d hidden``, ``d weight``); backward scales them;
+* the general path (``linear_token_logprobs``, any upstream gradient): the forward keeps
+  ``lse`` and the entropy, backward recomputes each tile: 4 matmuls.
+
+Memory: one tile (``tile_tokens``), the fp32 ``d weight`` accumulator and ``O(N)``; no ``N x V``
+term. No atomics (every output row has one owner, every sum a fixed order): bitwise
+deterministic. Padding positions, packed last, are never read by the epilogues (their ids neither)
+but are in the matmuls' shapes: the chunk count comes from ``N``, not from the valid count, which
+only the device knows.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N tokens, BLOCK_V vocabulary, BLOCK_H hidden, warps) per kernel. The backward kernels, and the
-# forward that forms d logp / d hidden, add each tile's product into an fp32 accumulator in memory
-# (read, add, write): [N, H] rows once per vocabulary block, d weight once per token block, so their
-# bytes fall as BLOCK_V ([N, H]) and BLOCK_N (d weight) grow: long, thin tiles there. Both forwards
-# (with and without d logp / d hidden) take one tile: the same tiles sum the statistics in the same
-# order, so a no-grad call (old or reference log-probs) and the training call give bitwise the same
-# log-probs, and an on-policy ratio is exactly 1. d weight without the entropy's terms ("dw") has
-# the registers for 512 tokens per tile; with them ("dw_ent") it spills there. fp32 products ("ieee")
-# are FFMAs from registers, so fp32 takes small tiles, or it spills (benchmarks/gpu_compile.py
-# checks every configuration).
-BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
-    "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (512, 32, 32, 8), "dw_ent": (256, 32, 64, 8)},
-    "fp32": {"fwd": (32, 32, 32, 4), "dh": (32, 32, 32, 4), "dw": (32, 32, 32, 4), "dw_ent": (32, 32, 32, 4)},
-}
+from .logits import _logits_bwd_kernel, block_v, row_softmax_stats
+
+# The default tile (``tile_tokens``): beyond inputs, outputs and gradients TRL 1.16's head holds fp32
+# accumulators for d hidden and d weight and one 4096 x 32768 bf16 tile: 4 V H + 4 N H + 256 MiB.
+# This design holds the fp32 d weight accumulator less the gradient it becomes (4 V H - e V H, for
+# e-byte inputs; its fp32 [N, H] is never needed) beside the tile, so a tile of e V H + 4 N H + 256 MiB
+# keeps the extra memory at or below TRL's at every N. ``O(N)`` terms (order, statistics, per-token
+# gradients, index vectors) are held back: TILE_RESERVE_PER_TOKEN bytes per token.
+TRL_TILE_BYTES = 4096 * 32768 * 2
+TILE_RESERVE_PER_TOKEN = 64
+TILE_ROWS = 128  # tiles below N tokens are a multiple of this (the matmuls' row tiles)
 
 
-FINISH_BLOCKS = (16, 128)  # (rows, hidden columns) per step of the elementwise finish
+def default_tile_bytes(n: int, v: int, h: int, elem: int) -> int:
+    """The default ``max_tile_bytes`` at ``n`` tokens, a ``[v, h]`` head of ``elem``-byte elements."""
+    return elem * v * h + 4 * n * h + TRL_TILE_BYTES - TILE_RESERVE_PER_TOKEN * n
 
 
-def blocks(dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of ``kernel`` (``"fwd" | "dh" | "dw" | "dw_ent"``) for
-    ``dtype`` inputs."""
-    return BLOCKS["fp32" if dtype == torch.float32 else "16bit"][kernel]
+def sharded_tile_rows(h: int, elem: int) -> int:
+    """Default tile height with a vocabulary-parallel head: every rank must walk the same chunks,
+    and shards may differ in size, so the height may not depend on the shard: ``elem * h / 4`` tokens
+    (``4 C V_r <= elem V_r h``, the fp32 tile within the gradient's own size) in multiples of
+    ``TILE_ROWS``, at least ``TILE_ROWS``."""
+    return max(TILE_ROWS, (elem * h // 4) // TILE_ROWS * TILE_ROWS)
 
 
-def interpreter_bf16(dtype: torch.dtype) -> bool:
-    """True for bf16 inputs in Triton's interpreter, whose bf16 ``tl.dot`` is wrong (see the module doc)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _packed_rows(order_ptr, n0, count, BLOCK_N: tl.constexpr):
-    """Original row index of packed tokens ``n0 .. n0 + BLOCK_N`` and which of them are valid."""
-    idx = n0 + tl.arange(0, BLOCK_N)
-    ok = idx < count
-    rows = tl.load(order_ptr + idx, mask=ok, other=0).to(tl.int64)
-    return rows, ok
-
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                 HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``z = (hidden[rows] @ weight[cols].T + bias[cols]) / temperature``, fp32, in registers."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        hk_ok = hk < H
-        a = tl.load(h_ptr + rows[:, None] * s_hn + hk[None, :] * s_hh, mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * s_wv + hk[:, None] * s_wh, mask=hk_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERPRETER_BF16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc / temperature
-
-
-@triton.jit
-def _add_rows_times_weight(acc_ptr, w_ptr, x, scale, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
-                           RESCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``acc[rows] = scale * acc[rows] + x @ weight[cols]`` (``scale`` 1 without ``RESCALE``) in the fp32
-    ``[N, H]`` accumulator, ``BLOCK_H`` columns at a time: this program owns these rows (read, add,
-    write; no atomics)."""
-    for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        hk_ok = hk < H
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wv + hk[None, :] * s_wh,
-                    mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
-        if INTERPRETER_BF16:
-            w = w.to(tl.float32)
-        at = acc_ptr + rows[:, None] * H + hk[None, :]
-        keep = tok_ok[:, None] & hk_ok[None, :]
-        acc = tl.load(at, mask=keep, other=0.0)
-        if RESCALE:
-            acc = acc * scale[:, None]
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-        tl.store(at, acc, mask=keep)
-
-
-@triton.jit
-def _linear_finish_kernel(acc_ptr, w_ptr, ids_ptr, start_ptr, coef_ptr, omp_ptr, N, H, s_wv, s_wh, s_ids,
-                          inv_temperature, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``acc = (omp * weight[id - start] + coef * acc) / T`` per row, in place: ``d logp / d hidden``
-    from the forward's ``sum_{v != id} exp(z - m) weight[v]``, with ``coef = -exp(m - M) / S`` and
-    ``omp = 1 - p_id`` where this shard holds the id (0 elsewhere: no ``weight`` row is read there)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = rows < N
-    coef = tl.load(coef_ptr + rows, mask=ok, other=0.0)
-    omp = tl.load(omp_ptr + rows, mask=ok, other=0.0)
-    own = ok & (omp != 0.0)  # p_id = 1 exactly has no weight term either
-    local = tl.load(ids_ptr + rows.to(tl.int64) * s_ids, mask=own, other=0).to(tl.int64) - tl.load(start_ptr)
-    local = tl.where(own, local, 0)  # never an address from a padding id, even masked
-    for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        hk_ok = (hk < H)[None, :]
-        at = acc_ptr + rows.to(tl.int64)[:, None] * H + hk[None, :]
-        w_id = tl.load(w_ptr + local[:, None] * s_wv + hk[None, :] * s_wh, mask=own[:, None] & hk_ok,
-                       other=0.0).to(tl.float32)
-        rest = tl.load(at, mask=ok[:, None] & hk_ok, other=0.0)
-        # times 1 / T: a division's slow path would take a stack frame (local memory) on the GPU
-        tl.store(at, (omp[:, None] * w_id + coef[:, None] * rest) * inv_temperature, mask=ok[:, None] & hk_ok)
-
-
-@triton.jit
-def _linear_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    m_ptr, s_ptr, u_ptr, zt_ptr, acc_ptr, sx_ptr,
-    V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, HIDDEN_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    n0 = tl.program_id(0) * BLOCK_N
-    count = tl.load(count_ptr)
-    if n0 < count:  # packed padding: nothing to do
-        rows, tok_ok = _packed_rows(order_ptr, n0, count, BLOCK_N)
-        local = tl.load(ids_ptr + rows * s_ids, mask=tok_ok, other=0).to(tl.int64) - tl.load(start_ptr)
-        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        s = tl.zeros((BLOCK_N,), tl.float32)
-        u = tl.zeros((BLOCK_N,), tl.float32)
-        zt = tl.zeros((BLOCK_N,), tl.float32)
-        sx = tl.zeros((BLOCK_N,), tl.float32)  # HIDDEN_GRAD: sum of exp(z - m) over the other tokens
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                             HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            is_target = (cols[None, :] == local[:, None]) & col_ok[None, :]  # ids of other shards match no column
-            zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])  # 0 outside the vocabulary
-            shift = tl.where(s > 0, s * (m - m_new), 0.0)  # never 0 * -inf on the first block
-            u = alpha * (u + shift) + tl.sum(tl.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1)
-            s = s * alpha + tl.sum(e, axis=1)
-            m = m_new
-            if HIDDEN_GRAD:  # sum over v != id of exp(z - m) weight[v], rescaled with s: P @ W of flash attention
-                ex = tl.where(is_target, 0.0, e)
-                sx = sx * alpha + tl.sum(ex, axis=1)
-                if not INTERPRETER_BF16:
-                    ex = ex.to(w_ptr.dtype.element_ty)
-                _add_rows_times_weight(acc_ptr, w_ptr, ex, alpha, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
-                                       True, INTERPRETER_BF16, BLOCK_H)
-        if HIDDEN_GRAD:
-            tl.store(sx_ptr + rows, sx, mask=tok_ok)
-        tl.store(m_ptr + rows, m, mask=tok_ok)
-        tl.store(s_ptr + rows, s, mask=tok_ok)
-        tl.store(u_ptr + rows, u, mask=tok_ok)
-        tl.store(zt_ptr + rows, zt, mask=tok_ok)
-
-
-@triton.jit
-def _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD: tl.constexpr):
-    """``d z = g_l (1[v = id] - p) - g_H p (log p + H)``, divided by the temperature; 0 off the tile.
-
-    ``log p = (z - m) - log s``: never ``z - lse`` with ``lse`` rounded near ``|z|`` (1e4 would cost 5e-4).
-    """
-    log_p = (z - m[:, None]) - log_s[:, None]
-    p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)  # no exp overflow past the vocabulary
-    dz = g_logp[:, None] * (tl.where(cols[None, :] == local[:, None], 1.0, 0.0) - p)
-    if HAS_ENT_GRAD:
-        dz -= tl.where(p > 0, g_ent[:, None] * p * (log_p + ent[:, None]), 0.0)
-    return tl.where(tok_ok[:, None] & col_ok[None, :], dz / temperature, 0.0)
-
-
-@triton.jit
-def _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, rows, tok_ok, s_ids,
-                    HAS_ENT_GRAD: tl.constexpr):
-    local = tl.load(ids_ptr + rows * s_ids, mask=tok_ok, other=0).to(tl.int64) - tl.load(start_ptr)
-    m = tl.load(m_ptr + rows, mask=tok_ok, other=0.0)
-    log_s = tl.load(ls_ptr + rows, mask=tok_ok, other=0.0)
-    g_logp = tl.load(gl_ptr + rows, mask=tok_ok, other=0.0).to(tl.float32)
-    ent = tl.zeros_like(m)
-    g_ent = tl.zeros_like(m)
-    if HAS_ENT_GRAD:
-        ent = tl.load(ent_ptr + rows, mask=tok_ok, other=0.0)
-        g_ent = tl.load(ge_ptr + rows, mask=tok_ok, other=0.0).to(tl.float32)
-    return local, m, log_s, ent, g_logp, g_ent
-
-
-@triton.jit
-def _linear_dh_kernel(
-    h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr,
-    V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    n0 = tl.program_id(0) * BLOCK_N
-    count = tl.load(count_ptr)
-    if n0 < count:
-        rows, tok_ok = _packed_rows(order_ptr, n0, count, BLOCK_N)
-        local, m, log_s, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr,
-                                                                rows,
-                                                         tok_ok, s_ids, HAS_ENT_GRAD)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                             HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
-            dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
-            if not INTERPRETER_BF16:
-                dl = dl.to(w_ptr.dtype.element_ty)
-            _add_rows_times_weight(dh_ptr, w_ptr, dl, m, rows, tok_ok, cols, col_ok, H, s_wv, s_wh,
-                                   False, INTERPRETER_BF16, BLOCK_H)
-
-
-@triton.jit
-def _linear_dw_kernel(
-    h_ptr, w_ptr, b_ptr, ids_ptr, order_ptr, count_ptr, start_ptr,
-    m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr, dw_ptr, db_ptr,
-    V, H, s_hn, s_hh, s_wv, s_wh, s_ids, temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    count = tl.load(count_ptr)
-    db = tl.zeros((BLOCK_V,), tl.float32)
-    for n0 in range(0, count, BLOCK_N):  # token blocks in order: a fixed summation order
-        rows, tok_ok = _packed_rows(order_ptr, n0, count, BLOCK_N)
-        local, m, log_s, ent, g_logp, g_ent = _token_grads_in(ids_ptr, start_ptr, m_ptr, ls_ptr, ent_ptr, gl_ptr, ge_ptr,
-                                                                rows,
-                                                         tok_ok, s_ids, HAS_ENT_GRAD)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, tok_ok, cols, col_ok, H, s_hn, s_hh, s_wv, s_wh, temperature,
-                         HAS_BIAS, INTERPRETER_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
-        dl = _d_logits(z, cols, col_ok, tok_ok, local, m, log_s, ent, g_logp, g_ent, temperature, HAS_ENT_GRAD)
-        if HAS_BIAS:
-            db += tl.sum(dl, axis=0)
-        dlt = tl.trans(dl)
-        if not INTERPRETER_BF16:
-            dlt = dlt.to(h_ptr.dtype.element_ty)
-        for h0 in range(0, H, BLOCK_H):  # this program owns these rows of d weight
-            hk = h0 + tl.arange(0, BLOCK_H)
-            hk_ok = hk < H
-            h = tl.load(h_ptr + rows[:, None] * s_hn + hk[None, :] * s_hh, mask=tok_ok[:, None] & hk_ok[None, :],
-                        other=0.0)
-            if INTERPRETER_BF16:
-                h = h.to(tl.float32)
-            at = dw_ptr + cols[:, None].to(tl.int64) * H + hk[None, :]
-            keep = col_ok[:, None] & hk_ok[None, :]
-            acc = tl.load(at, mask=keep, other=0.0)
-            acc = tl.dot(dlt, h, acc, input_precision="ieee")
-            tl.store(at, acc, mask=keep)
-    if HAS_BIAS:
-        tl.store(db_ptr + cols, db, mask=col_ok)
+def tile_tokens(n: int, v: int, max_tile_bytes: int) -> int:
+    """Tokens per tile ``C`` for a ``[C, v]`` fp32 tile within ``max_tile_bytes``: all ``n`` if they fit;
+    else a multiple of ``TILE_ROWS``, the chunks made as even as the budget allows (a small last chunk
+    would make its ``d weight`` product memory-bound); below ``TILE_ROWS`` rows (a tiny budget) as many
+    rows as fit, at least one."""
+    rows = max(1, max_tile_bytes // (4 * max(v, 1)))
+    if rows >= n:
+        return max(n, 1)
+    if rows < TILE_ROWS:
+        return rows
+    most = rows // TILE_ROWS * TILE_ROWS
+    chunks = -(-n // most)
+    return -(-(-(-n // chunks)) // TILE_ROWS) * TILE_ROWS  # ceil(n / chunks), rounded up to TILE_ROWS
 
 
 def pack_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,125 +96,249 @@ def pack_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid.sum().reshape(1)
 
 
-def _launch_args(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tuple:
-    return (weight.shape[0], hidden.shape[1], hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            ids.stride(0))
+# --- the library matmuls: fp32 products of fp32 or 16-bit operands -----------------------------------
+
+def native_16bit(weight: torch.Tensor) -> bool:
+    """16-bit operands straight into the library matmul with an fp32 output (``out_dtype``: CUDA,
+    torch >= 2.8); else the matmuls take fp32 operands (an fp32 head, or upcast copies)."""
+    return weight.is_cuda and weight.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype")
 
 
-def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 valid: torch.Tensor, vocab_start: torch.Tensor, temperature: float, hidden_grad: bool = False
-                 ) -> tuple[torch.Tensor, ...]:
-    """Per-token ``(m, s, u, zt, acc, sx)`` over this weight shard: ``m, s, u, zt`` fp32 ``[N]``,
-    ``(0, 1, 0, 0)`` where not valid.
-
-    ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` (any strides), ``ids`` ``[N]`` global ids,
-    ``valid`` bool ``[N]``, ``vocab_start`` int64 ``[1]``. ``zt`` is 0 where the id is outside the shard.
-    With ``hidden_grad``, in the same pass (one more matmul, ``P @ W``): ``acc`` fp32 ``[N, H]``, the
-    sum over this shard's tokens other than the id of ``exp(z - m) weight[v]``, and ``sx`` fp32
-    ``[N]``, the sum of their ``exp(z - m)`` (0 where not valid); ``finish_logp_hidden_grad`` turns
-    them into ``d logp / d hidden``. Else both ``[0]``.
-    """
-    N = hidden.shape[0]
-    dev = hidden.device
-    m = torch.zeros(N, dtype=torch.float32, device=dev)
-    s = torch.ones(N, dtype=torch.float32, device=dev)
-    u = torch.zeros(N, dtype=torch.float32, device=dev)
-    zt = torch.zeros(N, dtype=torch.float32, device=dev)
-    acc = torch.zeros(hidden.shape if hidden_grad else (0,), dtype=torch.float32, device=dev)
-    sx = torch.zeros(N if hidden_grad else 0, dtype=torch.float32, device=dev)
-    if N:
-        order, count = pack_valid(valid)
-        bn, bv, bh, warps = blocks(hidden.dtype, "fwd")
-        _linear_fwd_kernel[(triton.cdiv(N, bn),)](
-            hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start, m, s, u, zt,
-            acc if hidden_grad else m, sx if hidden_grad else m, *_launch_args(hidden, weight, ids),
-            float(temperature), HAS_BIAS=bias is not None, HIDDEN_GRAD=hidden_grad,
-            INTERPRETER_BF16=interpreter_bf16(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
-        )
-    return m, s, u, zt, acc, sx
+def mm_operand(x: torch.Tensor, native: bool) -> torch.Tensor:
+    """``x`` as the matmuls take it: itself (fp32, or 16-bit with ``native``), else an fp32 copy. The
+    head is converted once per call; a 16-bit tile of ``d logits`` once per chunk (the CPU path)."""
+    return x if native or x.dtype == torch.float32 else x.float()
 
 
-def finish_logp_hidden_grad(acc: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, vocab_start: torch.Tensor,
-                            coef: torch.Tensor, one_minus_p: torch.Tensor, temperature: float) -> None:
-    """``acc = (one_minus_p * weight[ids - vocab_start] + coef * acc) / T``, in place, row by row.
-
-    With ``acc`` from ``linear_stats(hidden_grad=True)``, ``coef = -exp(m - M) / S`` (``M``, ``S`` the
-    max and the sum of ``exp(z - M)`` over the whole vocabulary) and ``one_minus_p = 1 - p_id`` where
-    this shard holds the id (0 elsewhere and where not valid: ``coef`` 0 there too), this is the
-    shard's part of ``d logp / d hidden = ((1 - p_id) weight[id] - sum_{v != id} p_v weight[v]) / T``.
-    ``1 - p_id`` is the other tokens' mass summed directly, never ``1 - p`` rounded near 1.
-    """
-    N, H = acc.shape if acc.dim() == 2 else (0, 0)
-    if N:
-        bn, bh = FINISH_BLOCKS
-        _linear_finish_kernel[(triton.cdiv(N, bn),)](acc, weight, ids, vocab_start, coef.contiguous(),
-                                                     one_minus_p.contiguous(), N, H, weight.stride(0),
-                                                     weight.stride(1), ids.stride(0), 1.0 / float(temperature),
-                                                     BLOCK_N=bn, BLOCK_H=bh)
+def logits_product(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = h @ w.T``, fp32 ``[C, V]``, for operands from ``mm_operand``."""
+    if h.dtype == torch.float32:
+        torch.mm(h, w.T, out=out)
+    else:
+        torch.mm(h, w.T, out_dtype=torch.float32, out=out)
 
 
-def linear_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 valid: torch.Tensor, vocab_start: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
-                 entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None, temperature: float,
-                 hidden_grad_fp32: bool = False, dlogp_dh: torch.Tensor | None = None, hidden_needed: bool = True,
-                 weight_needed: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(d hidden, d weight, d bias)`` in the inputs' dtypes, from the global max ``m``, ``log_s``
-    (``lse = m + log_s``) and ``entropy`` ``[N]``; ``d hidden`` stays fp32 with ``hidden_grad_fp32``
-    (a vocabulary-parallel caller sums the shards before its one rounding).
+def hidden_product(dl: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dl @ w`` in ``dtype``, accumulated in fp32 and rounded once (operands from ``mm_operand``)."""
+    if dl.dtype == torch.float32 or dtype == dl.dtype:
+        return torch.mm(dl, w).to(dtype)
+    return torch.mm(dl, w, out_dtype=dtype)
 
-    ``d hidden`` is this shard's contribution (a vocabulary-parallel caller sums it over ranks).
-    With ``dlogp_dh`` (``linear_stats(hidden_grad=True)``), the log-prob's part of ``d hidden`` is
-    ``g_logp * dlogp_dh`` and only an entropy gradient recomputes the logits for ``d hidden``.
-    What is not needed is None and costs nothing: ``hidden_needed=False`` (frozen hidden states)
-    skips ``d hidden``, ``weight_needed=False`` (a frozen head, as with LoRA) skips ``d weight`` and
-    ``d bias``, and with them the kernel that recomputes the logits for them.
-    """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    valid_g = torch.where(valid, g_logp, torch.zeros((), dtype=g_logp.dtype, device=dev)).float()
+
+def add_weight_product(acc: torch.Tensor, dl: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += dl.T @ h`` into the fp32 accumulator (operands from ``mm_operand``)."""
+    if h.dtype == torch.float32:
+        acc.addmm_(dl.T, h)
+    else:
+        torch.addmm(acc, dl.T, h, out_dtype=torch.float32, out=acc)
+
+
+# --- the row epilogues ------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_stats_kernel(
+    tile_ptr, b_ptr, ids_ptr, ok_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
+    V, s_row, temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per tile row: ``(m, s, u, zt)`` of ``z = (tile + bias) / T``; ``(0, 1, 0, 0)`` for a
+    row that is not ``ok`` (padding, read nowhere). ``ids`` are local to the shard: ``zt`` is 0 for an
+    id outside ``[0, V)``, read only where the shard holds it."""
+    r = tl.program_id(0).to(tl.int64)
+    ok = tl.load(ok_ptr + r) != 0
+    row = tile_ptr + r * s_row
+    m, s, u = row_softmax_stats(row, b_ptr, tl.where(ok, V, 0), V, temperature, True, HAS_BIAS, BLOCK_V)
+    token = tl.load(ids_ptr + r, mask=ok, other=-1)
+    own = ok & (token >= 0) & (token < V)
+    at = tl.where(own, token, 0)
+    zt = tl.load(row + at, mask=own, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        zt += tl.load(b_ptr + at, mask=own, other=0.0).to(tl.float32)
+    tl.store(m_ptr + r, m)
+    tl.store(s_ptr + r, tl.where(ok, s, 1.0))
+    tl.store(u_ptr + r, u)
+    tl.store(zt_ptr + r, tl.where(own, zt / temperature, 0.0))
+
+
+def tile_stats(tile: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, ok: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, s, u, zt)`` fp32 ``[C]`` of the ``[C, V]`` fp32 tile (unit column stride), ``ids`` ``[C]``
+    local to the shard (-1 or any id outside it: not held here), ``ok`` bool ``[C]``."""
+    C, V = tile.shape
+    out = [torch.empty(C, dtype=torch.float32, device=tile.device) for _ in range(4)]
+    if C:
+        bv, warps = block_v(V)
+        _tile_stats_kernel[(C,)](tile, tile if bias is None else bias, ids, ok.view(torch.uint8), *out, V,
+                                 tile.stride(0), float(temperature), HAS_BIAS=bias is not None, BLOCK_V=bv,
+                                 num_warps=warps)
+    return tuple(out)
+
+
+def tile_grad_(tile: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, ok: torch.Tensor,
+               lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor, g_entropy: torch.Tensor | None,
+               temperature: float, dtype: torch.dtype) -> None:
+    """``d logits`` of the ``[C, V]`` fp32 tile written over it, in ``dtype``: fp32 in place, a 16-bit
+    dtype into the first half of each row (``grad_view`` reads it). Per row: the global ``lse`` and
+    ``entropy``, the upstream ``g_logp`` and ``g_entropy`` (None: no entropy gradient), fp32 ``[C]``;
+    rows not ``ok`` are written 0 and not read."""
+    C, V = tile.shape
+    if not C:
+        return
+    out = grad_view(tile, dtype)
+    bv, warps = block_v(V)
+    ok_u8 = ok.view(torch.uint8)
     has_ent = g_entropy is not None
-    dh = dw = db = None
-    if hidden_needed:
-        if dlogp_dh is None:
-            dh = torch.zeros((N, H), dtype=torch.float32, device=dev)
-        elif has_ent or hidden_grad_fp32:  # the entropy's part is added to it in fp32 below
-            dh = valid_g[:, None] * dlogp_dh
-        else:  # rounded once, into the gradient (on CUDA no fp32 [N, H] temporary; the CPU makes one)
-            dh = torch.mul(dlogp_dh, valid_g[:, None], out=torch.empty((N, H), dtype=hidden.dtype, device=dev))
-    if weight_needed:
-        dw = torch.zeros((V, H), dtype=torch.float32, device=dev)
-        db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
-    if N:
-        order, count = pack_valid(valid)
-        g_ent = g_entropy.contiguous() if has_ent else valid_g
-        common = (hidden, weight, bias if bias is not None else weight, ids, order, count, vocab_start,
-                  m.contiguous(), log_s.contiguous(), entropy.contiguous())
-        flags = dict(HAS_BIAS=bias is not None, INTERPRETER_BF16=interpreter_bf16(hidden.dtype))
-        args = (*_launch_args(hidden, weight, ids), float(temperature))
-        if hidden_needed and (dlogp_dh is None or has_ent):
-            # d hidden from recomputed logits: all of it, or (after the forward's log-prob part) the entropy's
-            g_dh = valid_g if dlogp_dh is None else torch.zeros_like(valid_g)
-            bn, bv, bh, warps = blocks(hidden.dtype, "dh")
-            _linear_dh_kernel[(triton.cdiv(N, bn),)](*common, g_dh, g_ent, dh, *args, **flags, HAS_ENT_GRAD=has_ent,
-                                                     BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
-        if weight_needed:
-            bn, bv, bh, warps = blocks(hidden.dtype, "dw_ent" if has_ent else "dw")
-            _linear_dw_kernel[(triton.cdiv(V, bv),)](*common, valid_g, g_ent, dw, db if db is not None else dw, *args,
-                                                     **flags, HAS_ENT_GRAD=has_ent, BLOCK_N=bn, BLOCK_V=bv,
-                                                     BLOCK_H=bh, num_warps=warps)
-    return (dh if dh is None or hidden_grad_fp32 else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+    _logits_bwd_kernel[(C,)](
+        tile, ids, lse, entropy if has_ent else lse, g_logp, g_entropy if has_ent else lse, out,
+        C, V, 0, tile.stride(0), 0, ids.stride(0), 0, out.stride(0), float(temperature),
+        ok_u8, 0, ok_u8.stride(0), lse, lse, lse, 0.0, tile if bias is None else bias,
+        HAS_ENTROPY_GRAD=has_ent, BLOCK_V=bv, HAS_MASK=True, HAS_BIAS=bias is not None,
+        ALIASED=dtype != torch.float32, num_warps=warps,
+    )
+
+
+def grad_view(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[C, V]`` ``d logits`` that ``tile_grad_`` wrote over ``tile``: the tile itself (fp32), or the
+    first half of each fp32 row seen as ``dtype`` (a view: row stride ``2 V`` elements)."""
+    if dtype == torch.float32:
+        return tile
+    C, V = tile.shape
+    return tile.view(dtype)[:, :V] if C else tile.new_empty((0, V), dtype=dtype)
 
 
 def finish_stats(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zt: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, entropy, log_s)`` from a token's statistics over the whole vocabulary (``lse = m + log_s``).
+    """``(logp, entropy, lse)`` from a token's statistics over the whole vocabulary.
 
     ``logp = min((zt - m) - log s, 0)`` and ``entropy = log s - u / s``: differences of nearby
     numbers are taken first, never against a rounded ``lse`` (near |z| = 1e4 fp32's spacing is
-    1e-3). ``zt <= m`` already holds for the kernel's own tile; the bound also covers a target
-    logit summed across shards.
+    1e-3). ``zt <= m`` already holds within one tile; the bound also covers a target logit summed
+    across shards.
     """
     log_s = torch.log(s)
-    return torch.clamp((zt - m) - log_s, max=0.0), log_s - u / s, log_s
+    return torch.clamp((zt - m) - log_s, max=0.0), log_s - u / s, m + log_s
+
+
+def combine_shards(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zt: torch.Tensor, big_m: torch.Tensor
+                   ) -> torch.Tensor:
+    """``[3, C]``: this shard's ``s``, ``u`` rebased on the global max ``big_m``, and ``zt``: their sum over
+    the shards is the whole vocabulary's ``(s, u, zt)``."""
+    scale = torch.exp(m - big_m)
+    return torch.stack([s * scale, (u + s * (m - big_m)) * scale, zt])
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+class TileSteps(NamedTuple):
+    """The per-tile steps ``run_chunks`` calls: the raw launches (inside an op), or the ops with the
+    collectives of a vocabulary-parallel head (traced by ``torch.compile``).
+
+    ``stats(tile, bias, ids, ok, T) -> (m, s, u, zt)``; ``grad_(tile, bias, ids, ok, lse, entropy,
+    g_logp, g_entropy, T, dtype)``; ``combine(m, s, u, zt) -> (m, s, u, zt)`` over the shards (None:
+    one shard); ``sum_rows(x)``: a ``d hidden`` chunk summed over the shards (None: one shard).
+    """
+
+    stats: Callable = tile_stats
+    grad_: Callable = tile_grad_
+    combine: Callable | None = None
+    sum_rows: Callable | None = None
+
+
+class Chunks(NamedTuple):
+    """What ``run_chunks`` returns: fp32 ``[N]`` ``logp``, ``entropy``, ``lse`` (0, 0, 0 where not
+    valid), and the gradients it formed: ``d hidden`` in hidden's shape (fp32 with a group, else its
+    dtype), fp32 ``d weight`` ``[V, H]`` and ``d bias`` ``[V]``; empty where not asked for."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    d_hidden: torch.Tensor
+    d_weight: torch.Tensor
+    d_bias: torch.Tensor
+
+
+def gather_rows(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``hidden`` seen as ``[N, H]``, without copying the rest (``[B, T, H]`` slices of a
+    model's hidden states are not viewable as ``[N, H]``)."""
+    if hidden.dim() == 2:
+        return hidden.index_select(0, idx)
+    T = hidden.shape[1]
+    return hidden[idx // T, idx % T]
+
+
+def run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    rows: int,
+    *,
+    upstream: Callable | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_hidden: bool = False,
+    need_weight: bool = False,
+    vocab_start: torch.Tensor | None = None,
+    steps: TileSteps = TileSteps(),
+) -> Chunks:
+    """Walk the valid-first tokens in chunks of ``rows``: the tile, its statistics, and with
+    ``upstream`` the gradients (see the module docstring).
+
+    ``hidden`` ``[N, H]`` or ``[B, T, H]``, ``ids`` and ``valid`` ``[N]`` (flattened), ``weight``
+    ``[V, H]`` (this rank's rows with ``vocab_start``, a device ``[1]``, and ``steps`` that combine).
+    ``upstream(idx, ok, logp, entropy) -> (g_logp, g_entropy or None)``: fp32 ``[C]`` upstream
+    gradients of the chunk's tokens (``idx`` their flat positions, ``ok`` which are valid), called
+    once its log-probs are known: the loss path forms its gradient there. ``known = (lse,
+    entropy)`` ``[N]``: the statistics of an earlier forward; the tiles' are not recomputed (the
+    general path's backward). ``need_hidden`` / ``need_weight``: which gradients to form.
+    """
+    H = hidden.shape[-1]
+    N, V = ids.numel(), weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    order, count = pack_valid(valid)
+    local = ids if vocab_start is None else ids - vocab_start
+    logp, entropy, lse = (torch.zeros(N, **f32) for _ in range(3)) if known is None else (
+        torch.empty(0, **f32), known[1], known[0])
+    grads = upstream is not None and (need_hidden or need_weight)
+    sharded = steps.sum_rows is not None
+    dh = (torch.empty(hidden.shape, dtype=torch.float32 if sharded else hidden.dtype, device=dev)
+          if grads and need_hidden else torch.empty(0, **f32))
+    dw = torch.zeros((V, H), **f32) if grads and need_weight else torch.empty(0, **f32)
+    db = torch.zeros(V, **f32) if grads and need_weight and bias is not None else torch.empty(0, **f32)
+    native = native_16bit(weight)
+    w = mm_operand(weight, native)
+    tile = torch.empty((min(rows, N), V), **f32)
+    zero = torch.zeros((), **f32)
+    for c0 in range(0, N, rows):
+        c1 = min(c0 + rows, N)
+        idx = order[c0:c1]
+        ok = torch.arange(c0, c1, device=dev) < count
+        h = torch.where(ok[:, None], gather_rows(hidden, idx), torch.zeros((), dtype=hidden.dtype, device=dev))
+        t = tile[: c1 - c0]
+        h = mm_operand(h, native)
+        logits_product(h, w, t)
+        ids_c = local.index_select(0, idx)
+        if known is None:
+            m, s, u, zt = steps.stats(t, bias, ids_c, ok, temperature)
+            if steps.combine is not None:
+                m, s, u, zt = steps.combine(m, s, u, zt)
+            logp_c, ent_c, lse_c = (torch.where(ok, x, zero) for x in finish_stats(m, s, u, zt))
+            logp[idx], entropy[idx], lse[idx] = logp_c, ent_c, lse_c
+        else:
+            ent_c, lse_c = entropy.index_select(0, idx), lse.index_select(0, idx)
+            logp_c = None
+        if not grads:
+            continue
+        g_logp, g_entropy = upstream(idx, ok, logp_c, ent_c)
+        steps.grad_(t, bias, ids_c, ok, lse_c, ent_c, g_logp, g_entropy, temperature, weight.dtype)
+        dl = mm_operand(grad_view(t, weight.dtype), native)
+        if need_hidden:
+            dh_c = hidden_product(dl, w, torch.float32 if sharded else hidden.dtype)
+            dh.view(-1, H)[idx] = steps.sum_rows(dh_c) if sharded else dh_c
+        if need_weight:
+            add_weight_product(dw, dl, h)
+            if bias is not None:
+                db += dl.sum(0, dtype=torch.float32)
+    return Chunks(logp, entropy, lse, dh, dw, db)

@@ -32,28 +32,16 @@ def block_v(v: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _logits_fwd_kernel(
-    logits_ptr, ids_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr,
-    T, V, s_b, s_t, s_ids_b, s_ids_t, s_m_b, s_m_t, temperature,
-    RETURN_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """One program per position: online max, sum of ``exp(z - m)`` and sum of ``exp(z - m) * (z - m)``.
+def row_softmax_stats(row_ptr, b_ptr, n_vocab, V, temperature, RETURN_ENTROPY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    """``(m, s, sz)`` of one row of logits ``z = (row + bias) / temperature``: its max ``m`` (0 if every
+    logit is -inf), ``s = sum exp(z - m)`` and, with ``RETURN_ENTROPY``, ``sz = sum exp(z - m) (z - m)``,
+    online over the first ``n_vocab`` columns (0: an empty row, ``s = 0``).
 
     The entropy sum is taken against the running max ``m`` (and moved when ``m`` grows), so
-    ``H = log s - sum p (z - m)`` adds terms of size ``log V`` however large the logits: summing
-    ``p * z`` would subtract two numbers of the size of the logits (1e4) and lose 1e-4 of H.
-    ``logp = (z_id - m) - log s`` likewise. A masked position reads nothing and writes 0; an id
-    outside ``[0, V)`` at a read position gives NaN (the range check, in the kernel, without a sync)
-    and no read out of bounds.
+    ``H = log s - sz / s`` adds terms of size ``log V`` however large the logits: summing ``p * z``
+    would subtract two numbers of the size of the logits (1e4) and lose 1e-4 of H.
     """
-    r = tl.program_id(0).to(tl.int64)
-    b = r // T
-    t = r % T
-    row = logits_ptr + b * s_b + t * s_t
-    valid = tl.full((), 1, tl.int1)
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + b * s_m_b + t * s_m_t) != 0
-    n_vocab = tl.where(valid, V, 0)  # a masked position loops over nothing
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -61,7 +49,10 @@ def _logits_fwd_kernel(
     for v0 in range(0, n_vocab, BLOCK_V):
         offs = v0 + cols
         keep = offs < V
-        z = tl.load(row + offs, mask=keep, other=float("-inf")).to(tl.float32) / temperature
+        x = tl.load(row_ptr + offs, mask=keep, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+        z = x / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: nothing to shift by
         rescale = tl.exp(m - m_ref)
@@ -72,7 +63,29 @@ def _logits_fwd_kernel(
             sz = (sz + shift) * rescale + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)  # 0, not 0 * -inf
         s = s * rescale + tl.sum(e, axis=0)
         m = m_new
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(m == float("-inf"), 0.0, m), s, sz
+
+
+@triton.jit
+def _logits_fwd_kernel(
+    logits_ptr, ids_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr,
+    T, V, s_b, s_t, s_ids_b, s_ids_t, s_m_b, s_m_t, temperature,
+    RETURN_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per position: ``row_softmax_stats`` of its logits, then ``logp = (z_id - m) - log s``
+    (nearby numbers first, never against a rounded logsumexp), the entropy and the logsumexp. A
+    masked position reads nothing and writes 0; an id outside ``[0, V)`` at a read position gives
+    NaN (the range check, in the kernel, without a sync) and no read out of bounds.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    t = r % T
+    row = logits_ptr + b * s_b + t * s_t
+    valid = tl.full((), 1, tl.int1)
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + b * s_m_b + t * s_m_t) != 0
+    n_vocab = tl.where(valid, V, 0)  # a masked position loops over nothing
+    m_ref, s, sz = row_softmax_stats(row, row, n_vocab, V, temperature, RETURN_ENTROPY, False, BLOCK_V)
     log_s = tl.log(s)
     token = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t, mask=valid, other=0)
     in_vocab = (token >= 0) & (token < V)
@@ -88,15 +101,23 @@ def _logits_fwd_kernel(
 def _logits_bwd_kernel(
     logits_ptr, ids_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
     T, V, s_b, s_t, s_ids_b, s_ids_t, g_s_b, g_s_t, temperature,
-    mask_ptr, s_m_b, s_m_t, scale_ptr, row_scale_ptr, grad_out_ptr, entropy_coef,
+    mask_ptr, s_m_b, s_m_t, scale_ptr, row_scale_ptr, grad_out_ptr, entropy_coef, b_ptr,
     HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, FROM_LOSS: tl.constexpr = False,
+    HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, ALIASED: tl.constexpr = False,
 ):
-    """``d/dz = g_logp * (onehot - p) - g_H * p * (z - E_p[z])``, over the temperature.
+    """``d/dz = g_logp * (onehot - p) - g_H * p * (z - E_p[z])``, over the temperature, with
+    ``z = (logits + bias) / temperature`` (``HAS_BIAS``: the LM head's bias, from hidden states).
 
     ``FROM_LOSS`` (``policy_loss_from_logits``): the upstream gradients come straight from the
     fused loss, ``g_logp = grad_out * factor * row_factor[b] * g[b, t]`` (``g`` the stored d loss /
     d logp) and ``g_H = -entropy_coef * grad_out * factor * row_factor[b]``, 0 at masked positions
-    (whose logits are not read and whose gradient is written 0).
+    (whose logits are not read and whose gradient is written 0). ``HAS_MASK`` (not ``FROM_LOSS``)
+    masks positions the same way, with the gradients given per position.
+
+    ``ALIASED``: ``grad`` is a narrower dtype written into the first half of each fp32 row of
+    ``logits`` (the tile of ``kernels.linear_logprobs``). A block's stores then land on columns that
+    other warps of the program may still be reading, so a barrier separates each block's loads
+    from its stores; blocks go left to right, so nothing is overwritten before it is read.
     """
     r = tl.program_id(0).to(tl.int64)
     b = r // T
@@ -111,6 +132,8 @@ def _logits_bwd_kernel(
         g_logp = tl.where(valid, scale * tl.load(g_logp_ptr + r).to(tl.float32), 0.0)
         g_ent = tl.where(valid, -entropy_coef * scale, 0.0)
     else:
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + b * s_m_b + t * s_m_t) != 0
         g_logp = tl.load(g_logp_ptr + r).to(tl.float32)
         if HAS_ENTROPY_GRAD:
             g_ent = tl.load(g_ent_ptr + r).to(tl.float32)
@@ -122,13 +145,68 @@ def _logits_bwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + cols
         keep = offs < V
-        z = tl.load(row + offs, mask=offs < n_read, other=0.0).to(tl.float32) / temperature
+        x = tl.load(row + offs, mask=offs < n_read, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + offs, mask=offs < n_read, other=0.0).to(tl.float32)
+        z = x / temperature
         p = tl.exp(z - lse)
         dz = g_logp * (tl.where(offs == token, 1.0, 0.0) - p)
         if HAS_ENTROPY_GRAD:
             dz -= tl.where(p > 0, g_ent * p * (z - mean_z), 0.0)
         dz = tl.where(valid, dz, 0.0)
+        if ALIASED:  # every warp's loads of this block done before any store into the row
+            tl.debug_barrier()
         tl.store(out + offs, (dz / temperature).to(grad_ptr.dtype.element_ty), mask=keep)
+
+
+IDS_CHECK_BLOCK = 1024
+ID_NONE = 2**62  # the min and max of no bad id
+
+
+@triton.jit(debug=True)  # debug: tl.device_assert is compiled in (this kernel alone)
+def _ids_in_vocab_kernel(
+    ids_ptr, mask_ptr, out_ptr, n, T, V, s_ids_b, s_ids_t, s_m_b, s_m_t,
+    BLOCK: tl.constexpr,
+):
+    """One program over the ``[B, T]`` ids: how many at valid positions lie outside ``[0, V)``, and the
+    least and the greatest of them, into ``out[0:3]``; on a GPU a device-side assert when any does."""
+    count = tl.zeros((), tl.int64)
+    lo = tl.full((), ID_NONE_, tl.int64)
+    hi = tl.full((), -ID_NONE_, tl.int64)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        inside = offs < n
+        b, t = offs // T, offs % T
+        valid = inside & (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inside, other=0) != 0)
+        x = tl.load(ids_ptr + b * s_ids_b + t * s_ids_t, mask=valid, other=0).to(tl.int64)
+        bad = valid & ((x < 0) | (x >= V))
+        count += tl.sum(bad.to(tl.int64), axis=0)
+        lo = tl.minimum(lo, tl.min(tl.where(bad, x, ID_NONE_), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(bad, x, -ID_NONE_), axis=0))
+    tl.store(out_ptr, count)
+    tl.store(out_ptr + 1, lo)
+    tl.store(out_ptr + 2, hi)
+    tl.device_assert(count == 0, "rlloss: ids outside the vocabulary of logits where mask is True")
+
+
+ID_NONE_: tl.constexpr = tl.constexpr(ID_NONE)
+
+
+def check_ids_in_vocab(ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
+    """Ids read as tokens (``mask`` True) must index the vocabulary: one launch, no host sync on a GPU
+    (a device-side assert, surfacing at the next sync). In Triton's interpreter (CPU tensors) the
+    assert is not compiled: its check is made here, as the ``ValueError`` of the reference's."""
+    B, T = ids.shape
+    out = torch.empty(3, dtype=torch.int64, device=ids.device)
+    m = as_bytes(mask)
+    _ids_in_vocab_kernel[(1,)](ids, m, out, B * T, max(T, 1), vocab, ids.stride(0), ids.stride(1), m.stride(0),
+                               m.stride(1), BLOCK=IDS_CHECK_BLOCK)
+    if ids.device.type == "cpu":
+        count, lo, hi = out.tolist()
+        if count:
+            raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in [{lo}, {hi}] at "
+                             f"{count} valid position(s); padding ids (such as -100) are never tokens: mask them out "
+                             "(mask= False there) so they are not read")
 
 
 def vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:
@@ -173,7 +251,7 @@ def token_logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.
             x, ids, lse, entropy if has_ent_grad else lse, g_logp.contiguous(),
             g_entropy.contiguous() if has_ent_grad else lse, grad,
             T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
-            float(temperature), ids, 0, 0, lse, lse, lse, 0.0,
+            float(temperature), ids, 0, 0, lse, lse, lse, 0.0, lse,
             HAS_ENTROPY_GRAD=has_ent_grad, BLOCK_V=bv, num_warps=warps,
         )
 
@@ -191,6 +269,6 @@ def policy_loss_from_logits_backward(logits: torch.Tensor, ids: torch.Tensor, ma
         _logits_bwd_kernel[(B * T,)](
             x, ids, lse, entropy, g, lse, grad,
             T, V, x.stride(0), x.stride(1), ids.stride(0), ids.stride(1), grad.stride(0), grad.stride(1),
-            float(temperature), m, m.stride(0), m.stride(1), factor, row_factor, grad_loss, float(entropy_coef),
+            float(temperature), m, m.stride(0), m.stride(1), factor, row_factor, grad_loss, float(entropy_coef), lse,
             HAS_ENTROPY_GRAD=entropy_coef != 0, BLOCK_V=bv, FROM_LOSS=True, num_warps=warps,
         )

@@ -22,6 +22,7 @@ from torch.library import custom_op, register_autograd, register_fake
 
 from . import advantages as _advantages
 from . import aggregation as _aggregation
+from . import from_hidden as _from_hidden
 from . import from_logits as _from_logits
 from . import kl as _kl
 from . import linear_logprobs as _linear
@@ -29,7 +30,7 @@ from . import logits as _logits
 from . import policy_loss as _policy_loss
 from . import shaping as _shaping
 from . import surrogate as _surrogate
-from ._common import elementwise_grad, grad_buffer_dtype
+from ._common import elementwise_grad, grad_buffer_dtype, scalar_scale
 
 # --- elementwise backward --------------------------------------------------------------------------
 
@@ -45,6 +46,18 @@ def _(g, grad_out, dtype):
     return g.new_empty(g.shape, dtype=dtype)
 
 
+@custom_op("rlloss::scale_by_scalar", mutates_args=())
+def scale_by_scalar(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``g * scale`` in ``dtype``, ``scale`` a one-element tensor (read on the device): the backward of
+    an op whose forward formed its gradients for an upstream gradient of 1."""
+    return scalar_scale(g, scale, dtype)
+
+
+@register_fake("rlloss::scale_by_scalar")
+def _(g, scale, dtype):
+    return g.new_empty(g.shape, dtype=dtype)
+
+
 # --- policy_loss -----------------------------------------------------------------------------------
 
 
@@ -55,21 +68,23 @@ def policy_loss(
     objective: int, dual_or_low: bool, delta_or_high: bool, params: list[float], row_stat: int,
     beta: float, kl_kind: int, kl_bias_correction: bool, max_log_ratio: float, aggregation: int,
     max_tokens: float, num_tokens_value: float, num_seqs_value: float, dp_size: int, needs_grad: bool,
+    entropy: Tensor | None = None, entropy_coef: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, metrics[N_METRICS], g, factor[1], row_factor)``: see ``kernels.policy_loss.policy_loss_forward``."""
+    """``(loss, metrics[N_METRICS], g, factor[1], row_factor)``: see ``kernels.policy_loss.policy_loss_forward``
+    (``entropy``: fp32 ``[B, T]`` whose ``entropy_coef`` multiple the loss subtracts, not differentiated here)."""
     return _policy_loss.policy_loss_forward(
         logp, old_logp, adv, mask, ref_logp, token_weights, num_tokens, num_seqs, objective=objective,
         dual_or_low=dual_or_low, delta_or_high=delta_or_high, params=params, row_stat=row_stat, beta=beta,
         kl_kind=kl_kind, kl_bias_correction=kl_bias_correction, max_log_ratio=max_log_ratio, aggregation=aggregation,
         max_tokens=max_tokens, num_tokens_value=num_tokens_value, num_seqs_value=num_seqs_value, dp_size=dp_size,
-        needs_grad=needs_grad,
+        needs_grad=needs_grad, entropy=entropy, entropy_coef=entropy_coef,
     )
 
 
 @register_fake("rlloss::policy_loss")
 def _(logp, old_logp, adv, mask, ref_logp, token_weights, num_tokens, num_seqs, objective, dual_or_low,
       delta_or_high, params, row_stat, beta, kl_kind, kl_bias_correction, max_log_ratio, aggregation, max_tokens,
-      num_tokens_value, num_seqs_value, dp_size, needs_grad):
+      num_tokens_value, num_seqs_value, dp_size, needs_grad, entropy=None, entropy_coef=0.0):
     B = logp.shape[0]
     f32 = torch.float32
     g = logp.new_empty(logp.shape if needs_grad else (0,), dtype=grad_buffer_dtype(logp.dtype))
@@ -95,7 +110,7 @@ def _policy_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(metrics, g, factor, row_factor)
     ctx.save_for_backward(g, factor, row_factor)
     ctx.logp_dtype = inputs[0].dtype
-    ctx.has_grad = inputs[-1]  # needs_grad: g was written
+    ctx.has_grad = inputs[22]  # needs_grad: g was written
 
 
 def _policy_loss_grad(ctx, grad_loss, *_):
@@ -103,7 +118,7 @@ def _policy_loss_grad(ctx, grad_loss, *_):
     grad = None
     if grad_loss is not None and ctx.has_grad:
         grad = torch.ops.rlloss.policy_loss_backward(g, grad_loss, factor, row_factor, ctx.logp_dtype)
-    return (grad,) + (None,) * 22
+    return (grad,) + (None,) * 24
 
 
 register_autograd("rlloss::policy_loss", _policy_loss_grad, setup_context=_policy_loss_setup)
@@ -473,109 +488,161 @@ register_autograd("rlloss::policy_loss_from_logits", _from_logits_grad, setup_co
 
 
 # --- the loss from hidden states: rlloss::linear_* -------------------------------------------------
+# The whole call is one op on an unsharded head (opaque to the tracer: no recompile per token
+# count); the per-tile ops serve a vocabulary-parallel head, whose collectives between the tiles'
+# steps ``torch.compile`` traces (``rlloss._fused``).
 
 
-@custom_op("rlloss::linear_stats", mutates_args=())
-def linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
-                 vocab_start: Tensor, temperature: float, hidden_grad: bool = False
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-token ``(m, s, u, zt, acc, sx)`` over one weight shard (see ``linear_logprobs.linear_stats``)."""
-    return _linear.linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature, hidden_grad)
+@custom_op("rlloss::linear_tile_stats", mutates_args=())
+def linear_tile_stats(tile: Tensor, bias: Tensor | None, ids: Tensor, ok: Tensor, temperature: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(m, s, u, zt)`` fp32 ``[C]`` of one logits tile (``linear_logprobs.tile_stats``)."""
+    return _linear.tile_stats(tile, bias, ids, ok, temperature)
 
 
-@linear_stats.register_fake
-def _(hidden, weight, bias, ids, valid, vocab_start, temperature, hidden_grad=False):
-    n = hidden.shape[0]
-    acc = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=torch.float32)
-    sx = hidden.new_empty(n if hidden_grad else 0, dtype=torch.float32)
-    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(4)), acc, sx)
+@linear_tile_stats.register_fake
+def _(tile, bias, ids, ok, temperature):
+    return tuple(tile.new_empty(tile.shape[0], dtype=torch.float32) for _ in range(4))
 
 
-@custom_op("rlloss::linear_finish_logp_hidden_grad_", mutates_args=("acc",))
-def linear_finish_logp_hidden_grad_(acc: Tensor, weight: Tensor, ids: Tensor, vocab_start: Tensor, coef: Tensor,
-                                    one_minus_p: Tensor, temperature: float) -> None:
-    """In place, ``acc`` from ``linear_stats`` becomes this shard's part of ``d logp / d hidden`` (see
-    ``linear_logprobs.finish_logp_hidden_grad``)."""
-    _linear.finish_logp_hidden_grad(acc, weight, ids, vocab_start, coef, one_minus_p, temperature)
+@custom_op("rlloss::linear_tile_grad_", mutates_args=("tile",))
+def linear_tile_grad_(tile: Tensor, bias: Tensor | None, ids: Tensor, ok: Tensor, lse: Tensor, entropy: Tensor,
+                      g_logp: Tensor, g_entropy: Tensor | None, temperature: float, dtype: torch.dtype) -> None:
+    """``d logits`` written over the tile in ``dtype`` (``linear_logprobs.tile_grad_``; ``grad_view`` reads it)."""
+    _linear.tile_grad_(tile, bias, ids, ok, lse, entropy, g_logp, g_entropy, temperature, dtype)
 
 
-@linear_finish_logp_hidden_grad_.register_fake
-def _(acc, weight, ids, vocab_start, coef, one_minus_p, temperature):
+@linear_tile_grad_.register_fake
+def _(tile, bias, ids, ok, lse, entropy, g_logp, g_entropy, temperature, dtype):
     return None
 
 
-@custom_op("rlloss::linear_grads", mutates_args=())
-def linear_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor, vocab_start: Tensor,
-                 m: Tensor, log_s: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
-                 temperature: float, hidden_grad_fp32: bool = False, dlogp_dh: Tensor | None = None,
-                 hidden_needed: bool = True, weight_needed: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d hidden, d weight, d bias)``; an empty tensor for each not needed (``d bias`` without a bias);
-    ``d hidden`` fp32 with ``hidden_grad_fp32``; ``dlogp_dh`` the forward's ``d logp / d hidden`` or None."""
-    dh, dw, db = _linear.linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp,
-                                      g_entropy, temperature, hidden_grad_fp32, dlogp_dh, hidden_needed, weight_needed)
-    return tuple(weight.new_empty(0) if g is None else g for g in (dh, dw, db))  # distinct empties: no aliasing
+def _fp32_grads(chunks, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``run_chunks``' gradients in their inputs' dtypes; distinct empty tensors for those not formed."""
+    dh, dw, db = chunks.d_hidden, chunks.d_weight, chunks.d_bias
+    return (dh.to(hidden.dtype) if dh.numel() else weight.new_empty(0),
+            dw.to(weight.dtype) if dw.numel() else weight.new_empty(0),
+            db.to(bias.dtype) if bias is not None and db.numel() else weight.new_empty(0))
 
 
-@linear_grads.register_fake
-def _(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy, g_logp, g_entropy, temperature,
-      hidden_grad_fp32=False, dlogp_dh=None, hidden_needed=True, weight_needed=True):
-    dh = hidden.new_empty(hidden.shape, dtype=torch.float32 if hidden_grad_fp32 else hidden.dtype) if hidden_needed \
-        else weight.new_empty(0)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_needed else weight.new_empty(0)
-    db = torch.empty_like(bias) if bias is not None and weight_needed else weight.new_empty(0)
+@custom_op("rlloss::linear_logprobs", mutates_args=())
+def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
+                    temperature: float, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)`` fp32 ``[N]`` of an unsharded head (0 where not ``valid``), tiles of ``rows``
+    tokens; ``hidden`` ``[N, H]`` or ``[B, T, H]``, ``ids`` and ``valid`` ``[N]``. Backward recomputes
+    the tiles (``linear_logprobs_backward``)."""
+    chunks = _linear.run_chunks(hidden, weight, bias, ids, valid, temperature, rows)
+    return chunks.logp, chunks.entropy, chunks.lse
+
+
+@linear_logprobs.register_fake
+def _(hidden, weight, bias, ids, valid, temperature, rows):
+    return tuple(hidden.new_empty(ids.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@custom_op("rlloss::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
+                             lse: Tensor, entropy: Tensor, g_logp: Tensor, g_entropy: Tensor | None,
+                             temperature: float, rows: int, need_hidden: bool, need_weight: bool
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes (an empty tensor for each not needed), the
+    tiles recomputed; ``g_entropy`` None: the entropy carries no gradient."""
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+    def upstream(idx, ok, logp, ent):
+        g_e = None if g_entropy is None else torch.where(ok, g_entropy.index_select(0, idx).float(), zero)
+        return torch.where(ok, g_logp.index_select(0, idx).float(), zero), g_e
+
+    chunks = _linear.run_chunks(hidden, weight, bias, ids, valid, temperature, rows, upstream=upstream,
+                                known=(lse, entropy), need_hidden=need_hidden, need_weight=need_weight)
+    return _fp32_grads(chunks, hidden, weight, bias)
+
+
+def _grads_fake(hidden, weight, bias, need_hidden, need_weight):
+    dh = hidden.new_empty(hidden.shape) if need_hidden else weight.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else weight.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None and need_weight else weight.new_empty(0)
     return dh, dw, db
 
 
-@custom_op("rlloss::linear_token_logprobs", mutates_args=())
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, valid: Tensor,
-                          temperature: float, hidden_grad: bool = False
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logp, entropy, m, log_s, dlogp_dh)`` of an unsharded LM head: fp32 ``[N]`` (``lse = m + log_s``),
-    0 where not ``valid``; ``dlogp_dh`` fp32 ``[N, H]`` with ``hidden_grad`` (else ``[0]``), which
-    backward scales by the log-prob's gradient instead of recomputing the logits for ``d hidden``."""
-    start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    m, s, u, zt, dlogp_dh, sx = _linear.linear_stats(hidden, weight, bias, ids, valid, start, temperature, hidden_grad)
-    logp, entropy, log_s = _linear.finish_stats(m, s, u, zt)
-    if hidden_grad:  # one shard: M = m, S = s (0 where not valid, where s is 1 and sx 0)
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        _linear.finish_logp_hidden_grad(dlogp_dh, weight, ids, start, torch.where(valid, -1.0 / s, zero), sx / s,
-                                        temperature)
-    return logp, entropy, m, log_s, dlogp_dh
-
-
-@linear_token_logprobs.register_fake
-def _(hidden, weight, bias, ids, valid, temperature, hidden_grad=False):
-    n = hidden.shape[0]
-    dlogp_dh = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=torch.float32)
-    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(4)), dlogp_dh)
+@linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, ids, valid, lse, entropy, g_logp, g_entropy, temperature, rows, need_hidden,
+      need_weight):
+    return _grads_fake(hidden, weight, bias, need_hidden, need_weight)
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, valid, temperature, *flag = inputs
-    _, entropy, m, log_s, dlogp_dh = output
-    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, m, log_s, dlogp_dh)
-    ctx.temperature = temperature
-    ctx.hidden_grad = bool(flag and flag[0])
-    ctx.mark_non_differentiable(m, log_s, dlogp_dh)
-    if ctx.hidden_grad:  # the forward formed d logp / d hidden on the promise that the entropy carries nothing
-        ctx.mark_non_differentiable(entropy)
+    hidden, weight, bias, ids, valid, temperature, rows = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, ids, valid, entropy, lse)
+    ctx.temperature, ctx.rows = temperature, rows
+    ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
 
 
-def _linear_grad(ctx, g_logp, g_entropy, g_m, g_log_s, g_dlogp_dh):
-    hidden, weight, bias, ids, valid, entropy, m, log_s, dlogp_dh = ctx.saved_tensors
+def _linear_grad(ctx, g_logp, g_entropy, _):
+    hidden, weight, bias, ids, valid, entropy, lse = ctx.saved_tensors
     if g_logp is None:
-        g_logp = torch.zeros_like(m)
-    if ctx.hidden_grad:  # a non-differentiable entropy: whatever arrives for it (zeros, when compiled) is not used
-        g_entropy = None
-    start = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    # a frozen head (LoRA) or frozen hidden states: that gradient, and the recompute it needs, skipped
+        g_logp = torch.zeros_like(lse)
+    # a frozen head (LoRA) or frozen hidden states: that gradient, and its matmul, skipped
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dh, dw, db = linear_grads(hidden, weight, bias, ids, valid, start, m, log_s, entropy, g_logp, g_entropy,
-                              ctx.temperature, False, dlogp_dh if ctx.hidden_grad else None, need_h, need_w)
-    # a frozen weight with a trainable bias: d bias needs the d weight kernel, whose d weight is dropped
+    dh, dw, db = linear_logprobs_backward(hidden, weight, bias, ids, valid, lse, entropy, g_logp, g_entropy,
+                                          ctx.temperature, ctx.rows, need_h, need_w)
+    # a frozen weight with a trainable bias: d bias comes with the d weight product, which is dropped
     return (dh if need_h else None, dw if ctx.needs_input_grad[1] else None,
             db if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
-register_autograd("rlloss::linear_token_logprobs", _linear_grad, setup_context=_linear_setup)
+register_autograd("rlloss::linear_logprobs", _linear_grad, setup_context=_linear_setup)
+
+
+@custom_op("rlloss::linear_policy_loss", mutates_args=())
+def linear_policy_loss(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, old_logp: Tensor | None,
+    adv: Tensor, ref_logp: Tensor | None, token_weights: Tensor | None, token_scale: Tensor,
+    num_tokens: Tensor | None, num_seqs: Tensor | None, temperature: float, entropy_coef: float, rows: int,
+    need_hidden: bool, need_weight: bool, objective: int, dual_or_low: bool, delta_or_high: bool, params: list[float],
+    row_stat: int, beta: float, kl_kind: int, kl_bias_correction: bool, max_log_ratio: float, aggregation: int,
+    max_tokens: float, num_tokens_value: float, num_seqs_value: float, dp_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, metrics, d hidden, d weight, d bias)`` of ``policy_loss_from_hidden``'s loss path
+    (``from_hidden``): the gradients for an upstream gradient of 1, formed in this forward, ``d hidden``
+    in hidden's dtype, ``d weight`` and ``d bias`` fp32 (an empty tensor for each not needed)."""
+    loss, metrics, chunks = _from_hidden.policy_loss_from_hidden_forward(
+        hidden, weight, bias, ids, mask, old_logp, adv, ref_logp, token_weights, token_scale, num_tokens, num_seqs,
+        temperature=temperature, entropy_coef=entropy_coef, rows=rows, need_hidden=need_hidden,
+        need_weight=need_weight, objective=objective, dual_or_low=dual_or_low, delta_or_high=delta_or_high,
+        params=params, row_stat=row_stat, beta=beta, kl_kind=kl_kind, kl_bias_correction=kl_bias_correction,
+        max_log_ratio=max_log_ratio, aggregation=aggregation, max_tokens=max_tokens,
+        num_tokens_value=num_tokens_value, num_seqs_value=num_seqs_value, dp_size=dp_size)
+    empty = [weight.new_empty(0) for _ in range(3)]
+    return (loss, metrics, *(g if g.numel() else e for g, e in zip(chunks[3:], empty)))
+
+
+@linear_policy_loss.register_fake
+def _(hidden, weight, bias, ids, mask, old_logp, adv, ref_logp, token_weights, token_scale, num_tokens, num_seqs,
+      temperature, entropy_coef, rows, need_hidden, need_weight, *args):
+    f32 = torch.float32
+    dh = hidden.new_empty(hidden.shape) if need_hidden else weight.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=f32) if need_weight else weight.new_empty(0)
+    db = weight.new_empty(bias.shape, dtype=f32) if bias is not None and need_weight else weight.new_empty(0)
+    return hidden.new_empty((), dtype=f32), hidden.new_empty(_policy_loss.N_METRICS, dtype=f32), dh, dw, db
+
+
+def _linear_loss_setup(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    _, metrics, dh, dw, db = output
+    ctx.mark_non_differentiable(metrics, dh, dw, db)
+    ctx.save_for_backward(dh, dw, db)
+    ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+
+
+def _linear_loss_grad(ctx, grad_loss, *_):
+    dh, dw, db = ctx.saved_tensors
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    scaled = [None if g.numel() == 0 or dtype is None else scale_by_scalar(g, grad_loss, dtype)
+              for g, dtype in ((dh, h_dtype), (dw, w_dtype), (db, b_dtype))]
+    return (*scaled, *[None] * 28)
+
+
+register_autograd("rlloss::linear_policy_loss", _linear_loss_grad, setup_context=_linear_loss_setup)

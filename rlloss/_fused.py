@@ -195,77 +195,181 @@ def policy_loss_from_logits_triton(logits, ids, temperature, entropy_coef, inpla
 # --- the loss from hidden states ---------------------------------------------------------------------
 
 
-def linear_token_logprobs_triton(hidden, weight, bias, ids, valid, temperature, group, vocab_start, entropy_grad):
-    """``(logp, entropy)`` fp32 ``[N]`` of validated ``hidden [N, H]``, ``ids [N]``; ``group`` None or the
-    vocabulary-parallel group (``vocab_start``: this rank's first id).
+def _tile_rows(hidden: torch.Tensor, weight: torch.Tensor, n: int, max_tile_bytes: int | None, group) -> int:
+    """Tokens per logits tile: from ``max_tile_bytes`` or its default (``kernels.linear_logprobs``)."""
+    from .kernels.linear_logprobs import default_tile_bytes, sharded_tile_rows, tile_tokens
 
-    When ``hidden`` will receive a gradient and the entropy will not (``entropy_grad`` False), the
-    forward also forms ``d logp / d hidden`` (vocabulary-parallel: each shard's part, summed over
-    the group in the forward): backward then recomputes the logits once, for ``d weight``, instead
-    of twice. That fp32 ``[N, H]`` has the size of the ``d hidden`` accumulator it replaces, but
-    lives from the forward to the backward: several such losses alive before one backward each hold
-    one.
-    """
-    hidden_grad = _needs_grad(hidden) and not entropy_grad
+    V, H, elem = weight.shape[0], hidden.shape[-1], hidden.element_size()
+    if max_tile_bytes is not None:
+        return tile_tokens(n, V, max_tile_bytes)
+    if group is not None:  # the same on every rank, whatever its shard
+        return min(max(n, 1), sharded_tile_rows(H, elem))
+    return tile_tokens(n, V, default_tile_bytes(n, V, H, elem))
+
+
+def _same_rows_on_every_rank(rows: int, device: torch.device, group) -> None:
+    """Device-side check that the ranks of ``group`` tile alike (a given ``max_tile_bytes`` over shards of
+    different sizes may not): each chunk's statistics are combined across ranks."""
+    both = torch.tensor([rows, -rows], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+    torch._assert_async(both[0] == -both[1], "max_tile_bytes gives the ranks of group tiles of different heights "
+                                             "(shards of different sizes): pass a budget whose 4 * V_r-byte rows "
+                                             "give every rank the same number of tokens, or None")
+
+
+def _sharded_steps(group):
+    """``TileSteps`` of a vocabulary-parallel head: the tile ops, and the collectives between them."""
+    from .kernels.linear_logprobs import TileSteps, combine_shards
+
+    dist = torch.distributed
+
+    def combine(m, s, u, zt):
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+        parts = combine_shards(m, s, u, zt, big_m)
+        dist.all_reduce(parts, group=group)
+        return big_m, parts[0], parts[1], parts[2]
+
+    def sum_rows(x):
+        dist.all_reduce(x, group=group)  # fp32 partial sums, rounded once afterwards
+        return x
+
+    return TileSteps(stats=ops().linear_tile_stats, grad_=ops().linear_tile_grad_, combine=combine, sum_rows=sum_rows)
+
+
+def linear_token_logprobs_triton(hidden, weight, bias, ids, valid, temperature, group, vocab_start, max_tile_bytes):
+    """``(logp, entropy)`` fp32 ``[N]`` of validated ``hidden`` (``[N, H]`` or ``[B, T, H]``), ``ids`` and
+    ``valid`` ``[N]``; ``group`` None or the vocabulary-parallel group (``vocab_start``: this rank's
+    first id). The general path: statistics in the forward, each tile recomputed in backward."""
+    rows = _tile_rows(hidden, weight, ids.numel(), max_tile_bytes, group)
     if group is None:
-        logp, entropy, *_ = ops().linear_token_logprobs(hidden, weight, bias, ids, valid, float(temperature),
-                                                        hidden_grad)
+        logp, entropy, _ = ops().linear_logprobs(hidden, weight, bias, ids, valid, float(temperature), rows)
         return logp, entropy
-    return _ShardedLinearLogprobs.apply(hidden, weight, bias, ids, valid, vocab_start, float(temperature), group,
-                                        hidden_grad)
+    if max_tile_bytes is not None:
+        _same_rows_on_every_rank(rows, hidden.device, group)
+    return _ShardedLinearLogprobs.apply(hidden, weight, bias, ids, valid, vocab_start, float(temperature), group, rows)
 
 
-def _finish_stats(m, s, u, zt):
-    from .kernels.linear_logprobs import finish_stats
+def _upstream_of(g_logp, g_entropy):
+    """``run_chunks``' ``upstream`` for given per-token gradients ``[N]`` (``g_entropy`` None: none)."""
+    def upstream(idx, ok, logp, entropy):
+        zero = torch.zeros((), dtype=torch.float32, device=ok.device)
+        g_e = None if g_entropy is None else torch.where(ok, g_entropy.index_select(0, idx).float(), zero)
+        return torch.where(ok, g_logp.index_select(0, idx).float(), zero), g_e
 
-    return finish_stats(m, s, u, zt)
+    return upstream
 
 
 class _ShardedLinearLogprobs(torch.autograd.Function):
-    """The fused kernels on this rank's shard; only ``[N]`` statistics cross ranks, and ``d hidden``
-    (in backward, or with ``hidden_grad`` the forward's ``d logp / d hidden``, summed once in the
-    forward: backward then needs no collective and no recompute for ``d hidden``)."""
+    """The general path over this rank's shard; per chunk, only ``[C]`` statistics cross ranks in the
+    forward, and ``d hidden``'s fp32 ``[C, H]`` partial sums in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group, hidden_grad):
-        dist = torch.distributed
-        m, s, u, zt, acc, sx = ops().linear_stats(hidden, weight, bias, ids, valid, vocab_start, temperature,
-                                                  hidden_grad)
-        big_m = m.clone()
-        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-        scale = torch.exp(m - big_m)
-        rows = [s * scale, (u + s * (m - big_m)) * scale, zt]  # u, s rebased on the global max
-        parts = torch.stack(rows + [sx * scale] if hidden_grad else rows)
-        dist.all_reduce(parts, group=group)
-        logp, entropy, log_s = _finish_stats(big_m, parts[0], parts[1], parts[2])
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)  # each rank's (0, 1, 0, 0) at padding sums to s = world
-        logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
-        if hidden_grad:  # this shard's part of d logp / d hidden, then the sum: the same on every rank
-            local = ids - vocab_start
-            own = valid & (local >= 0) & (local < weight.shape[0])
-            coef = torch.where(valid, -scale / parts[0], zero)
-            ops().linear_finish_logp_hidden_grad_(acc, weight, ids, vocab_start, coef,
-                                                  torch.where(own, parts[3] / parts[0], zero), temperature)
-            dist.all_reduce(acc, group=group)
-        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, entropy, big_m, log_s, acc)
-        ctx.temperature, ctx.group, ctx.hidden_grad = temperature, group, hidden_grad
+    def forward(ctx, hidden, weight, bias, ids, valid, vocab_start, temperature, group, rows):
+        from .kernels.linear_logprobs import run_chunks
+
+        chunks = run_chunks(hidden, weight, bias, ids, valid, temperature, rows, vocab_start=vocab_start,
+                            steps=_sharded_steps(group))
+        ctx.save_for_backward(hidden, weight, bias, ids, valid, vocab_start, chunks.entropy, chunks.lse)
+        ctx.temperature, ctx.group, ctx.rows = temperature, group, rows
         ctx.set_materialize_grads(False)
-        if hidden_grad:  # formed on the promise that the entropy carries no gradient
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        return chunks.logp, chunks.entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, ids, valid, vocab_start, entropy, m, log_s, dlogp_dh = ctx.saved_tensors
+        from .kernels.linear_logprobs import run_chunks
+
+        hidden, weight, bias, ids, valid, vocab_start, entropy, lse = ctx.saved_tensors
         if g_logp is None:
-            g_logp = torch.zeros_like(m)
-        if ctx.hidden_grad:  # d hidden is the forward's, whole: no collective (the entropy is not differentiable)
-            need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-            dh, dw, db = ops().linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
-                                            g_logp, None, ctx.temperature, False, dlogp_dh, True, need_w)
-            return (dh, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
-                    None, None, None, None, None, None)
-        dh32, dw, db = ops().linear_grads(hidden, weight, bias, ids, valid, vocab_start, m, log_s, entropy,
-                                          g_logp, g_entropy, ctx.temperature, True)
-        torch.distributed.all_reduce(dh32, group=ctx.group)  # summed in fp32, rounded once
-        return dh32.to(hidden.dtype), dw, db if bias is not None else None, None, None, None, None, None, None
+            g_logp = torch.zeros_like(lse)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        chunks = run_chunks(hidden, weight, bias, ids, valid, ctx.temperature, ctx.rows,
+                            upstream=_upstream_of(g_logp, g_entropy), known=(lse, entropy), need_hidden=need_h,
+                            need_weight=need_w, vocab_start=vocab_start, steps=_sharded_steps(ctx.group))
+        return (*_grads_in_dtypes(chunks, hidden, weight, bias, ctx.needs_input_grad), None, None, None, None, None,
+                None)
+
+
+def _grads_in_dtypes(chunks, hidden, weight, bias, needs):
+    """``run_chunks``' fp32 gradients in their inputs' dtypes, None where not asked for."""
+    return (chunks.d_hidden.to(hidden.dtype) if needs[0] else None,
+            chunks.d_weight.to(weight.dtype) if needs[1] else None,
+            chunks.d_bias.to(bias.dtype) if needs[2] and bias is not None else None)
+
+
+def token_local(objective: Objective, kl_bias_correction: bool) -> bool:
+    """True when d loss / d logp at a token needs only that token (no row or batch statistic): the
+    loss from hidden states can then form its gradient in the forward (``kernels.from_hidden``)."""
+    return fused_support(objective, kl_bias_correction) is None and objective_switches(objective)[0]["row_stat"] == 0
+
+
+def policy_loss_from_hidden_triton(hidden, weight, bias, ids, mask, temperature, entropy_coef, group, vocab_start,
+                                   max_tile_bytes, token_scale, old_logp, adv, objective, ref_logp, beta, kl,
+                                   kl_bias_correction, token_weights, max_log_ratio, aggregation, max_tokens,
+                                   num_tokens, num_seqs, dp_size):
+    """The loss path of ``policy_loss_from_hidden`` (``token_local`` objectives) on validated inputs:
+    ``(loss, metrics)``, metrics with ``entropy_mean``. The gradients of ``hidden``, ``weight`` and
+    ``bias`` are formed in the forward when grad mode is on and they require one; backward scales them."""
+    switches, slots = objective_switches(objective)
+    tok, tok_value = _count(num_tokens)
+    seq, seq_value = _count(num_seqs)
+    rows = _tile_rows(hidden, weight, ids.numel(), max_tile_bytes, group)
+    need_h = _needs_grad(hidden)
+    need_w = _needs_grad(weight) or (bias is not None and _needs_grad(bias))
+    loss_args = dict(**switches, beta=float(beta), kl_kind=KL_KIND_CODES[kl],
+                     kl_bias_correction=ref_logp is not None and kl_bias_correction, max_log_ratio=float(max_log_ratio),
+                     aggregation=AGGREGATION_CODES[aggregation], max_tokens=float(max_tokens or 1.0),
+                     num_tokens_value=tok_value, num_seqs_value=seq_value, dp_size=dp_size)
+    inputs = (_detach(old_logp), adv.detach(), _detach(ref_logp), _detach(token_weights), token_scale, tok, seq)
+    if group is None:
+        loss, metrics, *_ = ops().linear_policy_loss(hidden, weight, bias, ids, mask, *inputs, float(temperature),
+                                                     float(entropy_coef), rows, need_h, need_w, **loss_args)
+    else:
+        if max_tile_bytes is not None:
+            _same_rows_on_every_rank(rows, hidden.device, group)
+        loss, metrics = _ShardedLinearPolicyLoss.apply(hidden, weight, bias, ids, mask, vocab_start, group, rows,
+                                                       float(temperature), float(entropy_coef), need_h, need_w,
+                                                       inputs, loss_args)
+    return loss, {**_metrics(metrics, slots, ref_logp is not None), "entropy_mean": metrics[5]}
+
+
+class _ShardedLinearPolicyLoss(torch.autograd.Function):
+    """The loss path over this rank's shard: per chunk the ``[C]`` statistics are combined before the
+    gradient epilogue, and ``d hidden``'s fp32 ``[C, H]`` partial sums after it; backward scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, mask, vocab_start, group, rows, temperature, entropy_coef, need_h,
+                need_w, inputs, loss_args):
+        from .kernels.from_hidden import loss_upstream
+        from .kernels.linear_logprobs import run_chunks
+
+        old_logp, adv, ref_logp, token_weights, token_scale, tok, seq = inputs
+        B, T = mask.shape
+        per_token = {k: loss_args[k] for k in ("objective", "dual_or_low", "delta_or_high", "params", "row_stat",
+                                               "beta", "kl_kind", "kl_bias_correction", "max_log_ratio")}
+
+        def token_grad(logp, old, a, ok, ref, w):  # the policy_loss op's d l / d logp (traced, unlike the raw launch)
+            return ops().policy_loss(logp, old, a, ok, ref, w, None, None, **per_token, aggregation=0, max_tokens=1.0,
+                                     num_tokens_value=-1.0, num_seqs_value=-1.0, dp_size=1, needs_grad=True)[2]
+
+        upstream = None
+        if need_h or need_w:
+            upstream = loss_upstream(token_grad, T, old_logp, adv, ref_logp, token_weights, token_scale, entropy_coef)
+        chunks = run_chunks(hidden, weight, bias, ids.reshape(-1), mask.reshape(-1), temperature, rows,
+                            upstream=upstream, need_hidden=need_h, need_weight=need_w, vocab_start=vocab_start,
+                            steps=_sharded_steps(group))
+        loss, metrics, *_ = ops().policy_loss(chunks.logp.view(B, T), old_logp, adv, mask, ref_logp, token_weights, tok,
+                                              seq, **loss_args, needs_grad=False, entropy=chunks.entropy.view(B, T),
+                                              entropy_coef=entropy_coef)
+        # d hidden rounded once now (its fp32 sums are done), d weight and d bias kept fp32 until scaled
+        dh = chunks.d_hidden.to(hidden.dtype) if need_h else chunks.d_hidden
+        ctx.save_for_backward(dh, chunks.d_weight, chunks.d_bias)
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        scaled = [None if g.numel() == 0 or dtype is None else ops().scale_by_scalar(g, grad_loss, dtype)
+                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*scaled, *[None] * 11)

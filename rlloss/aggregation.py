@@ -132,6 +132,39 @@ def _aggregate(
     return loss * dp_size
 
 
+def _token_scale(
+    mask: torch.Tensor,
+    aggregation: str,
+    *,
+    max_tokens: float | None,
+    num_tokens: float | torch.Tensor | None,
+    num_seqs: float | torch.Tensor | None,
+    dp_size: int,
+) -> torch.Tensor:
+    """fp32 ``[B, T]``: each token's weight in ``_aggregate``, ``d loss / d per_token``, 0 where masked.
+
+    ``_aggregate(l, ...) = sum(l * _token_scale(...))``: ``dp_size`` times ``1 / N_tok`` (``token_mean``),
+    ``1 / (n_i N_seq)`` (``seq_mean_token_mean``), ``1 / N_seq`` (``seq_mean_token_sum``),
+    ``1 / (N_seq max_tokens)`` (``constant``) or 1 (``token_sum``), 0 where a normaliser is 0; the
+    fused loss from hidden states forms its gradient with it before the loss is known. Arguments are
+    assumed checked.
+    """
+    m = mask.to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=mask.device)
+    n_seq = _as_count(mask.shape[0] if num_seqs is None else num_seqs, one)
+    if aggregation == "token_mean":
+        per = _safe_div(one, _as_count(mask.sum() if num_tokens is None else num_tokens, one))
+    elif aggregation == "seq_mean_token_mean":
+        per = _safe_div(one, n_seq) * _safe_div(torch.ones_like(m[:, :1]), m.sum(-1, keepdim=True))
+    elif aggregation == "seq_mean_token_sum":
+        per = _safe_div(one, n_seq)
+    elif aggregation == "constant":  # Dr. GRPO
+        per = _safe_div(one, n_seq * max_tokens)
+    else:  # token_sum (verl)
+        per = one
+    return m * per * dp_size
+
+
 def _check_aggregation(
     aggregation: str,
     *,

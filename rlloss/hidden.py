@@ -14,6 +14,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from ._validate import (
+    warn_if_empty,
     check_float,
     check_ids_in_vocab,
     check_mask,
@@ -22,8 +23,9 @@ from ._validate import (
     check_tensor,
     compute_dtype,
 )
-from .logits import _token_logprobs_torch, _with_entropy_bonus
-from .loss import PolicyLoss, policy_loss
+from .aggregation import _token_scale
+from .logits import _check_option_names, _checked_loss_options, _token_logprobs_torch, _with_entropy_bonus
+from .loss import EMPTY_STEP, PolicyLoss, policy_loss
 
 # --- validation ------------------------------------------------------------------------------------
 
@@ -142,6 +144,15 @@ def _linear_token_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, bia
 
 # --- public API ------------------------------------------------------------------------------------
 
+def _check_max_tile_bytes(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_tile_bytes must be an int (bytes) or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_tile_bytes must be >= 1 byte, got {value}")
+    return value
+
 
 def linear_token_logprobs(
     hidden: torch.Tensor,
@@ -154,28 +165,36 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     entropy_grad: bool = True,
     group: Any = None,
+    max_tile_bytes: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Log-prob of each sampled token, and optionally the entropy, from hidden states and the LM head.
 
     ::
 
-        z = (hidden @ weight.T + bias) / temperature  # never built by Triton
+        z = (hidden @ weight.T + bias) / temperature  # tile by tile (Triton)
         logp[t] = z[t, ids[t]] - logsumexp_v z[t, v]
         entropy[t] = logsumexp_v z[t, v] - sum_v p_v z[t, v],   p = softmax(z[t])
 
     The same numbers as ``token_logprobs(hidden @ weight.T + bias, ids, temperature=temperature)``
     on logits computed in fp32 (a bf16 LM head rounds its logits to bf16 first; here they are
-    not rounded). The Triton backend walks the vocabulary in blocks with an online logsumexp
-    (Milakov & Gimelshein 2018, arXiv 1805.02867) inside the matmul, as Cut Cross-Entropy
-    (Wijmans et al. 2024, arXiv 2411.09009) does for the loss alone, and adds the entropy and the
-    temperature: its extra memory is the fp32 gradient accumulators plus ``O(N)``, never
-    ``[N, V]``. Deterministic (no atomics); no host sync.
+    not rounded, nor in TRL 1.16's head's bf16 tiles). The statistics are folded online over the
+    vocabulary (Milakov & Gimelshein 2018, arXiv 1805.02867), as Cut Cross-Entropy (Wijmans et al.
+    2024, arXiv 2411.09009) does for the loss alone, with the entropy and the temperature added.
+    The Triton backend walks the tokens (valid ones packed first, on the device) in chunks of ``C``,
+    each chunk's logits over the whole vocabulary one fp32 tile ``[C, V]`` from the library matmul
+    (cuBLAS: bf16 operands, fp32 accumulation and output), read by Triton row epilogues: its extra
+    memory is the tile, the fp32 ``d weight`` accumulator and ``O(N)``, never a term in ``N * V``.
+    The forward keeps ``lse`` and the entropy, ``[N]``; backward recomputes each tile, writes
+    ``d logits`` over it and forms ``d hidden = d logits @ weight`` (rounded once) and ``d weight
+    += d logits^T @ hidden`` (fp32): 4 matmuls over the head for any upstream gradient (the loss
+    path of ``policy_loss_from_hidden`` takes 3). Deterministic (no atomics); no host sync.
 
     Args:
         hidden: ``[B, T, H]`` or ``[N, H]`` final hidden states (fp16, bf16, fp32; fp64 in the
             reference), position ``t`` scoring token ``ids[t]``: for a causal LM
-            ``outputs.hidden_states[-1][:, P - 1:-1]`` for completions after ``P`` prompt tokens.
+            ``outputs.hidden_states[-1][:, P - 1:-1]`` for completions after ``P`` prompt tokens
+            (a slice: read row by row, never copied whole).
         weight: ``[V, H]`` the LM head (``model.lm_head.weight``), hidden's dtype; with ``group``,
             this rank's contiguous rows of it.
         ids: ``[B, T]`` or ``[N]`` integer token ids, global ids with ``group``; in ``[0, V)``
@@ -183,22 +202,29 @@ def linear_token_logprobs(
         bias: ``[V]`` or None, weight's dtype (this rank's slice with ``group``).
         temperature: the sampler's temperature, ``> 0``.
         mask: bool (or numeric, non-zero valid) of ``ids``' shape, or None (all valid). Where
-            False: outputs 0, gradient 0, the id is never read (padding may hold -100), and the
-            Triton backend spends no matmul on the position.
+            False: outputs 0, gradient 0, the id is never read (padding may hold -100). Padding
+            still takes its rows of the matmuls (the chunk count comes from ``N``: the number of
+            valid tokens is known only on the device); heavy padding is cheaper packed first
+            (``hidden[mask]``, ``ids[mask]``: a host sync of the caller's choosing).
         return_entropy: also return the entropy.
         entropy_grad: whether the returned entropy carries a gradient. ``False`` returns it detached
-            (a metric, an entropy mask). With only the log-prob differentiated (that, or
-            ``return_entropy=False``), the Triton backend forms ``d logp / d hidden`` in its
-            forward pass (with ``group``, summed over the ranks there), so backward recomputes the logits once (for ``d weight``) instead
-            of twice: 4 matmuls over the head, not 5. Its fp32 ``[N, H]`` replaces the ``d hidden``
-            accumulator but is held from the forward to the backward.
+            (a metric, an entropy mask); backward then forms no entropy term.
         group: None (one unsharded LM head), or the ``torch.distributed`` group of a
             vocabulary-parallel head (Megatron layout: rank ``r`` holds rows ``[start_r, start_r +
             V_r)`` of the full weight, in rank order; shards may differ in size). Every rank
             passes the same ``hidden`` and ``ids`` and gets the unsharded call's outputs and
             ``d hidden`` (summed over ranks inside backward: do not sum it again), and the
-            gradient of its own weight rows. Forward sends only ``[N]`` statistics across ranks.
-            Compiles with ``fullgraph=True`` too (the collectives are traced, no graph break).
+            gradient of its own weight rows. Per chunk, ``[C]`` statistics cross ranks in the
+            forward and ``d hidden``'s fp32 ``[C, H]`` partial sums in backward. Compiles with
+            ``fullgraph=True`` too (the collectives are traced; the loop over chunks makes the
+            graph specific to ``N``).
+        max_tile_bytes: the largest logits tile, ``4 * C * V`` bytes (``V`` this rank's rows),
+            for ``C`` tokens: all ``N`` if they fit, else a multiple of 128. None: ``e V H + 4 N H
+            + 256 MiB`` (``e`` bytes per element of ``hidden``), so that the extra memory beyond
+            inputs, outputs and gradients stays at or below TRL 1.16's head (``4 V H + 4 N H + 256
+            MiB``, its fp32 accumulators and one bf16 tile); with ``group``, ``e H / 4`` tokens (a
+            height every rank computes alike; a given budget must give every rank the same
+            height: checked on the device). Only the Triton backend tiles.
         backend: ``"auto" | "torch" | "triton"``.
 
     Returns:
@@ -208,37 +234,42 @@ def linear_token_logprobs(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     logp, entropy = _logprobs_and_entropy(hidden, weight, ids, bias, temperature, mask, group, backend,
-                                          entropy_grad=return_entropy and entropy_grad)
+                                          _check_max_tile_bytes(max_tile_bytes))
+    if not (return_entropy and entropy_grad):
+        entropy = entropy.detach()
     return (logp, entropy) if return_entropy else logp
 
 
-def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
-                          temperature: float, mask: torch.Tensor | None, group: Any, backend: str, *,
-                          entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``linear_token_logprobs``'s ``(logp, entropy)``, validated and dispatched. ``entropy_grad``: the
-    entropy may carry a gradient; else it is returned detached, and the Triton backend forms
-    ``d logp / d hidden`` in its forward pass (4 matmuls over the head, not 5)."""
-    valid = _check_hidden_inputs(hidden, weight, ids, bias, mask)
+def _checked_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
+                  temperature: float, mask: torch.Tensor | None, group: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the LM-head inputs once: ``(valid, vocab_start)``, ``valid`` the bool mask ``[N]``,
+    ``vocab_start`` this rank's first id (a device ``[1]``) with ``group``, else None."""
+    valid = _check_hidden_inputs(hidden, weight, ids, bias, mask).reshape(-1)
     check_number("temperature", temperature, low=0, low_inclusive=False)
-    chosen = resolve_backend(backend, hidden, weight, ids, bias)
-    shape = ids.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    ids1, valid1 = ids.reshape(-1), valid.reshape(-1)
     if group is None:
         vocab_start, vocab = None, weight.shape[0]
     else:
         vocab_start, vocab = _shard_offsets(weight, group)
-    check_ids_in_vocab(ids1, vocab, where=valid1, of="weight")
+    check_ids_in_vocab(ids.reshape(-1), vocab, where=valid, of="weight")
+    return valid, vocab_start
+
+
+def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
+                          temperature: float, mask: torch.Tensor | None, group: Any, backend: str,
+                          max_tile_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_token_logprobs``'s ``(logp, entropy)``, validated and dispatched (the general path)."""
+    valid, vocab_start = _checked_head(hidden, weight, ids, bias, temperature, mask, group)
+    chosen = resolve_backend(backend, hidden, weight, ids, bias)
     if chosen == "triton" and hidden.dtype != torch.float64:
         from ._fused import linear_token_logprobs_triton
 
-        logp, entropy = linear_token_logprobs_triton(h2, weight, bias, ids1, valid1, temperature, group, vocab_start,
-                                                     entropy_grad)
+        logp, entropy = linear_token_logprobs_triton(hidden, weight, bias, ids.reshape(-1), valid, temperature, group,
+                                                     vocab_start, max_tile_bytes)
     else:
-        logp, entropy = _linear_token_logprobs_torch(h2, weight, bias, ids1, valid1, temperature, group, vocab_start)
-    if not entropy_grad:  # the promise that lets the forward form d logp / d hidden, kept on both backends
-        entropy = entropy.detach()
-    return logp.reshape(shape), entropy.reshape(shape)
+        logp, entropy = _linear_token_logprobs_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                                     ids.reshape(-1), valid, temperature, group, vocab_start)
+    return logp.reshape(ids.shape), entropy.reshape(ids.shape)
 
 
 def policy_loss_from_hidden(
@@ -253,19 +284,34 @@ def policy_loss_from_hidden(
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
     group: Any = None,
+    max_tile_bytes: int | None = None,
     backend: str = "auto",
     **loss_options: Any,
 ) -> PolicyLoss:
     r"""``policy_loss`` of the sampled tokens' log-probs computed from hidden states, with an entropy bonus.
 
-    ``logp, H = linear_token_logprobs(hidden, weight, ids, mask=mask, return_entropy=True,
-    entropy_grad=entropy_coef != 0, ...)``,
+    ``logp, H = linear_token_logprobs(hidden, weight, ids, mask=mask, return_entropy=True, ...)``,
     then ``policy_loss(logp, old_logp, adv, mask, **loss_options)`` (every option: objectives,
     clip range, KL, token weights, aggregation, global counts, ``dp_size``) minus
     ``entropy_coef`` times the entropy aggregated with the same aggregation and counts (verl's
     ``entropy_coeff``; 0 in DAPO and Dr. GRPO). Exactly ``policy_loss_from_logits`` on the
     logits ``hidden @ weight.T + bias`` (computed in fp32), loss and gradients, without the logits.
     Metrics gain ``entropy_mean``, the masked mean entropy.
+
+    The Triton backend walks the tokens (valid ones packed first, on the device) in chunks of ``C``,
+    each chunk's logits over the whole vocabulary one fp32 tile ``[C, V]`` from the library matmul
+    (cuBLAS: bf16 operands, fp32 accumulation and output), read by Triton row epilogues: its extra
+    memory is the tile, the fp32 ``d weight`` accumulator and ``O(N)``, never a term in ``N * V``.
+    Two paths there. The loss path, for a token-local objective (PPO at token level, with dual
+    clip or ``delta``, CISPO, SAPO, REINFORCE, DPPO, DRO; any KL kind, token-level bias
+    correction, token weights, every aggregation and count, the entropy bonus): d loss / d logp
+    of a token is known once its log-prob is, so each chunk's gradient is formed in the forward
+    (``d logits`` over the tile, then ``d hidden`` and ``d weight``) and the logits are computed
+    once: 3 matmuls over the head; backward multiplies the stored gradients by the upstream
+    scalar (``d hidden`` is kept in hidden's dtype, so a gradient scaled by other than 1 is
+    rounded twice). The general path, for objectives that need a whole row or batch first (GSPO,
+    LUSPO, VESPO, GMPO, sequence-level bias correction, KL-Cov, Clip-Cov):
+    ``linear_token_logprobs`` then ``policy_loss``, 4 matmuls.
 
     Args:
         hidden: ``[B, T, H]`` (see ``linear_token_logprobs``); receives the gradient.
@@ -275,6 +321,7 @@ def policy_loss_from_hidden(
         temperature: the sampler's temperature, ``> 0``.
         entropy_coef: ``>= 0``.
         group: vocabulary-parallel process group, see ``linear_token_logprobs``.
+        max_tile_bytes: the logits tile's budget, see ``linear_token_logprobs``.
         backend: ``"auto" | "torch" | "triton"``, for the log-probs and the loss.
         **loss_options: keyword options of ``policy_loss``.
 
@@ -284,10 +331,45 @@ def policy_loss_from_hidden(
     check_float("hidden", hidden, ndim=3)
     mask_b = check_mask("mask", mask, "ids", check_tensor("ids", ids, ndim=2))
     check_number("entropy_coef", entropy_coef, low=0)
+    max_tile_bytes = _check_max_tile_bytes(max_tile_bytes)
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
-    # the entropy carries a gradient only with a bonus; without one it is a metric (entropy_mean)
+    _check_option_names("policy_loss_from_hidden", loss_options)
+    fused = _loss_path(hidden, weight, ids, old_logp, adv, mask_b, bias, temperature, entropy_coef, group,
+                       max_tile_bytes, backend, loss_options)
+    if fused is not None:
+        return fused
     logp, entropy = _logprobs_and_entropy(hidden, weight, ids, bias, temperature, mask_b, group, backend,
-                                          entropy_grad=entropy_coef != 0)
+                                          max_tile_bytes)
+    if entropy_coef == 0:  # a metric (entropy_mean), no gradient
+        entropy = entropy.detach()
     out = policy_loss(logp, old_logp, adv, mask, backend=backend, **loss_options)
     return _with_entropy_bonus(out, entropy, mask_b, entropy_coef, loss_options)
+
+
+def _loss_path(hidden, weight, ids, old_logp, adv, mask_b, bias, temperature, entropy_coef, group, max_tile_bytes,
+               backend, loss_options) -> PolicyLoss | None:
+    """``policy_loss_from_hidden`` by the fused loss path, or None where it does not apply (another
+    backend, fp64, an objective that is not token-local)."""
+    if resolve_backend(backend, hidden, weight, ids, bias, old_logp, adv) != "triton" or hidden.dtype == torch.float64:
+        return None
+    from ._fused import fused_dtype, policy_loss_from_hidden_triton, token_local
+
+    # the loss's options checked against a placeholder of the log-probs' shape (they do not exist yet)
+    placeholder = torch.zeros((), dtype=torch.float32, device=hidden.device).expand(ids.shape)
+    args = _checked_loss_options(placeholder, old_logp, adv, mask_b, loss_options)
+    (_, old_logp, adv, mask_b, objective, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio,
+     aggregation, max_tokens, num_tokens, num_seqs, dp_size) = args
+    if not token_local(objective, kl_bias_correction) or not fused_dtype(old_logp, adv, ref_logp, token_weights):
+        return None
+    valid, vocab_start = _checked_head(hidden, weight, ids, bias, temperature, mask_b, group)
+    scale = _token_scale(mask_b, aggregation, max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs,
+                         dp_size=dp_size)
+    if not isinstance(num_tokens, torch.Tensor):  # as policy_loss's fused path: only a count on the host warns
+        warn_if_empty(num_tokens, EMPTY_STEP)
+    loss, metrics = policy_loss_from_hidden_triton(
+        hidden, weight, bias, ids, mask_b, temperature, entropy_coef, group, vocab_start, max_tile_bytes, scale,
+        old_logp, adv, objective, ref_logp, beta, kl, kl_bias_correction, token_weights, max_log_ratio, aggregation,
+        max_tokens, num_tokens, num_seqs, dp_size)
+    return PolicyLoss(loss, metrics)
+

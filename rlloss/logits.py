@@ -138,6 +138,20 @@ def token_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
+def _check_option_names(caller: str, loss_options: dict[str, Any]) -> None:
+    unknown = sorted(set(loss_options) - set(POLICY_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"{caller} got an unexpected keyword argument {unknown[0]!r} (the loss options are "
+                        f"policy_loss's: {sorted(POLICY_LOSS_OPTIONS)})")
+
+
+def _checked_loss_options(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, mask: torch.Tensor,
+                          loss_options: dict[str, Any]) -> tuple:
+    """``policy_loss``'s keyword options (its defaults where not given) validated against ``logp``, a
+    ``[B, T]`` stand-in for log-probs not computed yet: ``_check_policy_loss_args``' tuple."""
+    return _check_policy_loss_args(logp, old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
+
+
 def policy_loss_from_logits(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -187,15 +201,12 @@ def policy_loss_from_logits(
     if "backend" in loss_options:
         raise TypeError("backend is given once, for both the log-probs and the loss")
     chosen = resolve_backend(backend, logits, ids, old_logp, adv, mask)
-    unknown = sorted(set(loss_options) - set(POLICY_LOSS_OPTIONS))
-    if unknown:
-        raise TypeError(f"policy_loss_from_logits got an unexpected keyword argument {unknown[0]!r} (the loss options "
-                        f"are policy_loss's: {sorted(POLICY_LOSS_OPTIONS)})")
+    _check_option_names("policy_loss_from_logits", loss_options)
     if chosen == "triton":
         from ._fused import fused_dtype, fused_support, policy_loss_from_logits_triton
 
         # the loss options checked once, against a [B, T] stand-in for the log-probs (a view: no launch)
-        args = _check_policy_loss_args(logits[..., 0], old_logp, adv, mask, **{**POLICY_LOSS_OPTIONS, **loss_options})
+        args = _checked_loss_options(logits[..., 0], old_logp, adv, mask, loss_options)
         if fused_support(args[4], args[8]) is None and fused_dtype(logits, old_logp, adv, args[5], args[9]):
             num_tokens = loss_options.get("num_tokens")
             if not isinstance(num_tokens, torch.Tensor):  # as policy_loss's fused path: only a host count warns

@@ -344,3 +344,4 @@ def policy_loss(
     else:
         warn_if_empty(num_tokens, EMPTY_STEP)
     return out
+

@@ -149,3 +149,21 @@ def test_the_benchmark_modules_import_without_a_cycle():
 
     cycles = sorted(m for m in graph if reaches(m, m, {m}))
     assert not cycles, f"modules in an import cycle: {cycles}: {graph}"
+
+
+def test_cpu_memory_meter_counts_each_allocation_once_at_its_time():
+    """8 MiB made by aten::zeros (which allocates through aten::empty: nested ops), then a second
+    8 MiB, the first freed, 4 MiB more: the peak is 16 MiB, not a multiple from nested ops."""
+    from harness import cpu_peak_bytes
+
+    mib = 2**20
+
+    def steps():
+        a = torch.zeros(2 * mib)  # 8 MiB of fp32
+        b = torch.ones(2 * mib)
+        del a
+        c = torch.zeros(mib)
+        return b, c
+
+    assert cpu_peak_bytes(lambda: torch.zeros(2 * mib)) == 8 * mib
+    assert cpu_peak_bytes(steps) == 16 * mib

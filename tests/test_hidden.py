@@ -97,26 +97,26 @@ def expected(hidden, weight, bias, ids, mask, temperature, gl, ge):
 ENTROPY_KINDS = ("grad", "unused", "metric", "none")
 
 
-def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad"):
+def run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad", max_tile_bytes=None):
     """Outputs and gradients. ``entropy="metric"`` (``entropy_grad=False``) and ``"none"`` (no entropy
-    returned) leave the log-prob the only gradient: the path whose Triton forward forms
-    ``d logp / d hidden`` itself (``ent`` is None for ``"none"``)."""
+    returned) leave the log-prob the only gradient (``ent`` is None for ``"none"``)."""
     h, w, b = leaves(hidden, weight, bias)
     out = rlloss.linear_token_logprobs(h, w, ids, bias=b, temperature=temperature, mask=mask,
                                        return_entropy=entropy != "none", entropy_grad=entropy in ("grad", "unused"),
-                                       backend=backend)
+                                       max_tile_bytes=max_tile_bytes, backend=backend)
     logp, ent = out if entropy != "none" else (out, None)
     assert ent is None or ent.requires_grad == (entropy in ("grad", "unused"))
     grads = grads_of((logp * gl).sum() + ((ent * ge).sum() if entropy == "grad" else 0), [h, w, b])
     return logp.detach(), None if ent is None else ent.detach(), grads
 
 
-def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad"):
+def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy="grad",
+                         max_tile_bytes=None):
     dtype = hidden.dtype
     if entropy != "grad":
         ge = torch.zeros_like(ge)
     want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, bias, ids, mask, temperature, gl, ge)
-    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy)
+    logp, ent, grads = run(hidden, weight, bias, ids, mask, temperature, gl, ge, backend, entropy, max_tile_bytes)
     assert_close(logp, want_logp, torch.float32, scale=z_scale, what="logp")
     if ent is not None:
         assert_close(ent, want_ent, torch.float32, scale=z_scale, what="entropy")
@@ -136,20 +136,24 @@ def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, b
 @given(n=TOKENS, h=HIDDENS, v=VOCABS, dtype=st.sampled_from(DTYPES), temperature=st.sampled_from([1.0, 0.7, 1.3]),
        bias=st.booleans(), mask_kind=st.sampled_from(["random", "full", "prefix", "all_masked"]),
        which=st.sampled_from(GRADS), strided=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       backend=st.sampled_from(BACKENDS))
+       backend=st.sampled_from(BACKENDS), tile=st.sampled_from([None, 7, 64]))
 @example(n=1, h=1, v=1, dtype=torch.float32, temperature=1.0, bias=False, mask_kind="full", which="both",
-         strided=False, seed=0, backend=BACKENDS[-1])
+         strided=False, seed=0, backend=BACKENDS[-1], tile=None)
 @example(n=65, h=65, v=301, dtype=torch.bfloat16, temperature=0.7, bias=True, mask_kind="random", which="both",
-         strided=True, seed=1, backend=BACKENDS[-1])  # non-contiguous inputs and upstream gradients
+         strided=True, seed=1, backend=BACKENDS[-1], tile=7)  # non-contiguous inputs and upstream gradients
 @example(n=150, h=63, v=523, dtype=torch.float16, temperature=1.3, bias=False, mask_kind="prefix",
-         which="entropy", strided=False, seed=2, backend=BACKENDS[-1])
+         which="entropy", strided=False, seed=2, backend=BACKENDS[-1], tile=64)
+@example(n=20, h=9, v=129, dtype=torch.bfloat16, temperature=0.7, bias=True, mask_kind="random", which="logp",
+         strided=False, seed=3, backend=BACKENDS[-1], tile=1)  # one token per tile, the entropy a metric
 def test_matches_token_logprobs_on_materialised_logits(n, h, v, dtype, temperature, bias, mask_kind, which, strided,
-                                                       seed, backend):
+                                                       seed, backend, tile):
     hidden, weight, b, ids, mask = make_head(n, h, v, dtype, seed, bias=bias, mask_kind=mask_kind, strided=strided)
     gl, ge = upstream(n, which, seed, strided)
-    # a log-prob gradient alone: the entropy not returned, or returned as a metric (the forward forms d hidden)
+    # a log-prob gradient alone: the entropy returned unused, as a metric, or not returned
     entropy = "grad" if which != "logp" else ENTROPY_KINDS[1 + seed % 3]
-    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend, entropy)
+    # tiles of ``tile`` tokens (None: the default, one tile here): chunk boundaries anywhere in the tokens
+    check_against_logits(hidden, weight, b, ids, mask, temperature, gl, ge, backend, entropy,
+                         None if tile is None else 4 * v * tile)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,8 +207,8 @@ def test_float64_gradcheck_of_the_reference():
         (hidden, weight, bias))
 
 
-def loss_inputs(dtype: torch.dtype, seed: int):
-    hidden, weight, b, ids, mask = make_head(23, 19, 131, dtype, seed, bias=True, mask_kind="random")
+def loss_inputs(dtype: torch.dtype, seed: int, *, bias: bool = True):
+    hidden, weight, b, ids, mask = make_head(23, 19, 131, dtype, seed, bias=bias, mask_kind="random")
     hidden = hidden.reshape(1, 23, 19).expand(2, 23, 19).clone()
     hidden[1] = hidden[1].flip(0)
     ids = torch.cat([ids, ids.flip(1)])
@@ -241,6 +245,81 @@ def test_policy_loss_from_hidden_is_policy_loss_from_logits(backend, options):
         assert_close(out.metrics[name], want.metrics[name], torch.float32, scale=1.0, what=name)
     for name, got, exp in zip(("hidden", "weight", "bias"), grads, want_grads):
         assert_close(got, exp, torch.float32, scale=float(exp.abs().max()), what=f"d {name}")
+
+
+# the loss path (token-local objectives: the gradient formed in the forward) and the general path (row
+# statistics first: GSPO, VESPO, GMPO, sequence-level bias correction), each option of the loss
+LOSS_OPTIONS = [
+    {},
+    {"eps_high": 0.28, "dual_clip": 3.0, "delta": 2.5, "aggregation": "token_sum"},
+    {"objective": "sapo", "aggregation": "seq_mean_token_sum", "num_seqs": 5},
+    {"objective": "reinforce", "kl": "k2", "beta": 0.1, "aggregation": "constant", "max_tokens": 16},
+    {"objective": "dppo_kl", "kl": "abs+", "beta": 0.05, "kl_bias_correction": True},
+    {"objective": rlloss.DRO(beta=0.3), "token_weights": "row", "num_tokens": 33.0, "dp_size": 3},
+    {"objective": "cispo", "token_weights": "token", "adv": "token"},
+    {"level": "sequence", "beta": 0.04, "kl_bias_correction": True},  # GSPO, general path
+    {"objective": "vespo"},
+    {"objective": "gmpo", "aggregation": "seq_mean_token_mean", "token_weights": "token"},
+]
+
+
+def _loss_kwargs(options: dict, old, adv, mask, seed: int) -> tuple[dict, torch.Tensor]:
+    """Options with their tensors made: ``ref_logp`` when ``beta`` is set, ``token_weights`` per row or
+    token, per-token advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(options)
+    if kw.get("beta"):
+        kw["ref_logp"] = old + 0.3 * torch.randn(old.shape, generator=gen).to(DEVICE)
+    if kw.get("token_weights") == "row":
+        kw["token_weights"] = torch.rand(old.shape[0], generator=gen).to(DEVICE)
+    elif kw.get("token_weights") == "token":
+        kw["token_weights"] = torch.rand(old.shape, generator=gen).to(DEVICE)
+    if kw.pop("adv", None) == "token":
+        adv = adv[:, None] * torch.rand(old.shape, generator=gen).to(DEVICE)
+    return kw, adv
+
+
+@given(options=st.sampled_from(LOSS_OPTIONS), dtype=st.sampled_from(DTYPES), temperature=st.sampled_from([1.0, 0.7]),
+       bias=st.booleans(), entropy_coef=st.sampled_from([0.0, 0.02]), tile=st.sampled_from([None, 5, 16]),
+       on_policy=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(options=LOSS_OPTIONS[0], dtype=torch.bfloat16, temperature=0.7, bias=True, entropy_coef=0.02, tile=5,
+         on_policy=False, seed=0)  # DAPO's loss at a temperature, three tiles (the loss path's arithmetic)
+@example(options=LOSS_OPTIONS[4], dtype=torch.float32, temperature=0.7, bias=False, entropy_coef=0.0, tile=1,
+         on_policy=False, seed=1)
+@example(options=LOSS_OPTIONS[7], dtype=torch.float16, temperature=1.0, bias=True, entropy_coef=0.02, tile=16,
+         on_policy=True, seed=2)
+def test_policy_loss_from_hidden_matches_the_loss_on_materialised_logits(options, dtype, temperature, bias,
+                                                                         entropy_coef, tile, on_policy, seed):
+    """Every objective, aggregation, KL and weight option, dtype, temperature, bias and tile height, with an
+    empty row and NaN hidden states at masked positions: ``policy_loss_from_logits`` (reference) on fp32
+    logits built here, loss, metrics and gradients."""
+    hidden, weight, b, ids, mask, old, adv = loss_inputs(dtype, seed, bias=bias)
+    kw, adv = _loss_kwargs(options, old, adv, mask, seed)
+    old_in = None if on_policy else old
+    backend = BACKENDS[-1]
+    h, w, bb = leaves(hidden, weight, b)
+    out = rlloss.policy_loss_from_hidden(h, w, ids, old_in, adv, mask, bias=bb, temperature=temperature,
+                                         entropy_coef=entropy_coef, backend=backend,
+                                         max_tile_bytes=None if tile is None else 4 * weight.shape[0] * tile, **kw)
+    grads = grads_of(out.loss * 1.5, [h, w, bb])  # an upstream gradient other than 1
+    h2, w2, b2 = leaves(torch.where(mask[..., None], hidden, 0.0).float(), weight.float(),
+                        None if b is None else b.float())
+    logits = h2 @ w2.T + (b2 if b2 is not None else 0.0)
+    want = rlloss.policy_loss_from_logits(logits, ids, old_in, adv, mask, temperature=temperature,
+                                          entropy_coef=entropy_coef, backend="torch", **kw)
+    want_grads = grads_of(want.loss * 1.5, [h2, w2, b2])
+    assert_close(out.loss, want.loss, torch.float32, scale=1.0, what="loss")
+    assert set(out.metrics) == set(want.metrics) and "entropy_mean" in out.metrics
+    for name in want.metrics:
+        assert_close(out.metrics[name], want.metrics[name], torch.float32, scale=1.0, what=name)
+    for name, got, exp, x in zip(("hidden", "weight", "bias"), grads, want_grads, (hidden, weight, b)):
+        if exp is None:
+            assert got is None
+            continue
+        assert got.dtype == x.dtype
+        assert_close(got.float(), exp, x.dtype if x.dtype != torch.float32 else torch.float32,
+                     scale=float(exp.abs().max()), what=f"d {name}")
+    assert bool((grads[0][~mask] == 0).all()), "gradient at masked positions"
 
 
 def test_bias_and_temperature_are_applied_as_the_spec_says():
@@ -304,29 +383,33 @@ def test_out_of_range_ids_where_masked_are_never_read():
 
 
 @needs_triton
-@pytest.mark.parametrize("entropy_grad", [True, False])
-def test_compiles_with_fullgraph(entropy_grad, monkeypatch):
-    # entropy_grad=False: the forward that forms d logp / d hidden, traced, and no d hidden kernel after it
+@pytest.mark.parametrize("call", ["logprobs", "logprobs:metric", "loss"])
+def test_compiles_with_fullgraph(call, monkeypatch):
+    # each whole call one opaque op: nothing breaks the graph, the same values and gradients as eager
     hidden, weight, b, ids, mask = make_head(20, 9, 40, torch.float32, 9, bias=True, mask_kind="random")
-    h, w, bb = leaves(hidden, weight, b)
+    old, adv = -torch.rand(1, 20).to(DEVICE) * 2, torch.ones(1, device=DEVICE)
 
     def f(h, w, bb):
+        if call == "loss":
+            return rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, bias=bb, entropy_coef=0.1,
+                                                  max_tile_bytes=4 * 40 * 7, backend="triton").loss
         logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
-                                                 entropy_grad=entropy_grad, backend="triton")
+                                                 entropy_grad=call == "logprobs", backend="triton")
         return (logp * 2).sum() + ent.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     launches = _Launches(monkeypatch)
+    h, w, bb = leaves(hidden, weight, b)
     got = compiled(h, w, bb)
     g = torch.autograd.grad(got, [h, w, bb])
-    kernels = [name for name, _ in launches.seen]
-    assert kernels == (["fwd", "dh", "dw"] if entropy_grad else ["fwd", "finish", "dw"]), launches.seen
-    want = f(*leaves(hidden, weight, b))
-    assert_close(got.detach(), want.detach(), torch.float32, scale=float(want.abs()))
+    want_steps = (["logits", "stats", "grad", "d hidden", "d weight"] * 3 if call == "loss"
+                  else ["logits", "stats", "logits", "grad", "d hidden", "d weight"])
+    assert launches.seen == want_steps
     h2, w2, b2 = leaves(hidden, weight, b)
-    g2 = torch.autograd.grad(f(h2, w2, b2), [h2, w2, b2])
-    for a, c in zip(g, g2):
+    want = f(h2, w2, b2)
+    assert torch.equal(got.detach(), want.detach())
+    for a, c in zip(g, torch.autograd.grad(want, [h2, w2, b2])):
         assert torch.equal(a, c)
 
 
@@ -339,71 +422,102 @@ def tp_problem():
     hidden, weight, b, ids, mask = make_head(N_TP, H_TP, V_TP, torch.float32, 11, bias=True, mask_kind="random")
     gen = torch.Generator().manual_seed(12)
     gl, ge = torch.randn(1, N_TP, generator=gen), torch.randn(1, N_TP, generator=gen)
-    return hidden, weight, b, ids, mask, gl, ge
+    old, adv = -torch.rand(1, N_TP, generator=gen) * 4, torch.randn(1, generator=gen)
+    return hidden, weight, b, ids, mask, gl, ge, old, adv
+
+
+TP_TILE_BYTES = 4 * 151 * 5  # 5 tokens per tile over shards of 151 and 150 rows, 7 over 101 and 100
 
 
 def _tp_rank(rank: int, port: int, out_dir: str, world: int, names: list[str]) -> None:
-    import types
-
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     torch.set_num_threads(1)
     with gloo_rank(rank, port, out_dir, world):
-        hidden, weight, b, ids, mask, gl, ge = tp_problem()
+        hidden, weight, b, ids, mask, gl, ge, old, adv = tp_problem()
         rows = torch.tensor_split(torch.arange(V_TP), world)[rank]
         out = {}
-        launches = _Launches(types.SimpleNamespace(setattr=setattr)) if triton_runs_here() else None
+        patch = pytest.MonkeyPatch()
+        launches = _Launches(patch) if triton_runs_here() else None
 
-        def call(h, w, bb, backend, entropy_grad):
+        def call(h, w, bb, backend, what):
+            group = torch.distributed.group.WORLD
+            if what.startswith("loss"):
+                tile = TP_TILE_BYTES if what == "loss-tiles" else None
+                loss = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, bias=bb, temperature=0.8,
+                                                      entropy_coef=0.05, group=group, max_tile_bytes=tile,
+                                                      backend=backend, eps_high=0.28).loss
+                return loss, loss
             return rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, temperature=0.8, return_entropy=True,
-                                                entropy_grad=entropy_grad, group=torch.distributed.group.WORLD,
-                                                backend=backend)
+                                                entropy_grad=what == "grad", group=group, backend=backend)
 
         compiled = torch.compile(call, backend="inductor", fullgraph=True)
         for name in names:
-            backend, how, entropy = _tp_case(name)
+            backend, how, what = _tp_case(name)
             h, w, bb = leaves(hidden, weight[rows], b[rows])
+            if how == "compile":  # the loop over chunks is traced there: the spies' list would be a side effect
+                patch.undo()
+                launches = None
             if launches is not None:
                 launches.seen.clear()
-            logp, ent = (compiled if how == "compile" else call)(h, w, bb, backend, entropy == "grad")
-            loss = (logp * gl).sum() + ((ent * ge).sum() if entropy == "grad" else 0)
+            x, y = (compiled if how == "compile" else call)(h, w, bb, backend, what)
+            loss = x if what.startswith("loss") else (x * gl).sum() + ((y * ge).sum() if what == "grad" else 0)
             grads = torch.autograd.grad(loss, [h, w, bb])
-            out[name] = (logp.detach(), ent.detach(), *grads, list(launches.seen) if launches is not None else None)
+            out[name] = (x.detach(), y.detach(), *grads, list(launches.seen) if launches is not None else None)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _tp_case(name: str) -> tuple[str, str, str]:
-    """``"triton+compile:metric"`` -> (backend, "eager" | "compile", entropy "grad" | "metric")."""
-    rest, entropy = (name.split(":") + ["grad"])[:2]
+    """``"triton+compile:metric"`` -> (backend, "eager" | "compile", "grad" | "metric" | "loss" | "loss-tiles")."""
+    rest, what = (name.split(":") + ["grad"])[:2]
     backend, how = (rest.split("+") + ["eager"])[:2]
-    return backend, how, entropy
+    return backend, how, what
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocabulary_parallel_equals_the_unsharded_call(world, tmp_path):
     # each backend eagerly and inside torch.compile (a trainer compiles its step; the collectives must not
-    # break it), with the entropy differentiated and as a metric (the forward then forms d logp / d hidden,
-    # summed over the shards there; backward has no collective and no d hidden kernel)
-    names = [f"{backend}{how}{entropy}" for backend in BACKENDS for how in ("", "+compile")
-             for entropy in ("", ":metric")]
-    results = spawn_ranks(_tp_rank, world, tmp_path, 240.0, world, names)
-    hidden, weight, b, ids, mask, gl, ge = tp_problem()
+    # break it): the log-probs with the entropy differentiated and as a metric, and the loss path (the
+    # shards' statistics combined per chunk before the gradient epilogue), in one tile and in several
+    names = [f"{backend}:{what}" for backend in BACKENDS for what in ("grad", "metric", "loss", "loss-tiles")]
+    # compiled (after the eager ones, which count the steps): each path once per backend, the loss path in
+    # several tiles (inductor's C++ build of each graph is most of this test's time)
+    names += [f"{backend}+compile:{what}" for backend in BACKENDS for what in ("grad", "loss-tiles")]
+    results = spawn_ranks(_tp_rank, world, tmp_path, 600.0, world, names)
+    hidden, weight, b, ids, mask, gl, ge, old, adv = tp_problem()
     for name in names:
-        backend, _, entropy = _tp_case(name)
-        g_ent = ge if entropy == "grad" else torch.zeros_like(ge)
-        want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, g_ent)
-        for r, res in enumerate(results):
-            logp, ent, dh, _, _, seen = res[name]
-            assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{name} rank {r} logp")
-            assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{name} rank {r} entropy")
-            assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None], what=f"{name} rank {r} d hidden")
-            if backend == "triton":
-                forward_dh = entropy == "metric"
-                assert seen == [("fwd", forward_dh)] + [("finish", None)] * forward_dh + \
-                    [("dh", None)] * (not forward_dh) + [("dw", None)], f"{name} rank {r}: {seen}"
+        backend, _, what = _tp_case(name)
+        if what.startswith("loss"):
+            h2, w2, b2 = leaves(torch.where(mask[..., None], hidden, 0.0), weight, b)
+            want = rlloss.policy_loss_from_logits(h2 @ w2.T + b2, ids, old, adv, mask, temperature=0.8,
+                                                  entropy_coef=0.05, eps_high=0.28, backend="torch").loss
+            want_grads = grads_of(want, [h2, w2, b2])
+            scales = [float(g.abs().max()) for g in want_grads]
+            for r, res in enumerate(results):
+                loss, _, dh, _, _, seen = res[name]
+                assert_close(loss, want.detach(), torch.float32, scale=1.0, what=f"{name} rank {r} loss")
+                assert_close(dh, want_grads[0], torch.float32, scale=scales[0], what=f"{name} rank {r} d hidden")
+                if backend == "triton" and seen is not None:
+                    chunks = -(-N_TP // (5 if world == 2 else 7)) if what == "loss-tiles" else 1
+                    assert seen == (FWD + GRADS) * chunks, f"{name} rank {r}: {seen}"
+        else:
+            g_ent = ge if what == "grad" else torch.zeros_like(ge)
+            want_logp, want_ent, want_grads, z_scale, scales = expected(hidden, weight, b, ids, mask, 0.8, gl, g_ent)
+            for r, res in enumerate(results):
+                logp, ent, dh, _, _, seen = res[name]
+                assert_close(logp, want_logp, torch.float32, scale=z_scale, what=f"{name} rank {r} logp")
+                assert_close(ent, want_ent, torch.float32, scale=z_scale, what=f"{name} rank {r} entropy")
+                assert_close(dh, want_grads[0], torch.float32, scale=scales[0][None],
+                             what=f"{name} rank {r} d hidden")
+                if backend == "triton" and seen is not None:
+                    assert seen == FWD + ["logits"] + GRADS, f"{name} rank {r}: {seen}"
+            scales = scales[1:]
+            want_grads = want_grads[1:]
+        if what.startswith("loss"):
+            want_grads, scales = want_grads[1:], scales[1:]
         dw = torch.cat([res[name][3] for res in results])
         db = torch.cat([res[name][4] for res in results])
-        assert_close(dw, want_grads[1], torch.float32, scale=scales[1], what=f"{name} d weight")
-        assert_close(db, want_grads[2], torch.float32, scale=scales[2], what=f"{name} d bias")
+        assert_close(dw, want_grads[0], torch.float32, scale=scales[0], what=f"{name} d weight")
+        assert_close(db, want_grads[1], torch.float32, scale=scales[1], what=f"{name} d bias")
 
 
 # --- the benchmark's contenders ----------------------------------------------------------------------------
@@ -419,12 +533,16 @@ def test_benchmark_contenders_compute_the_same_values_and_gradients():
     hidden, weight = hidden.float(), weight.float()  # the contenders' own arithmetic, not bf16 rounding, is compared
     names = [n for n in bench_hidden.CONTENDERS if n not in bench_hidden.FUSED or triton_runs_here()]
     names = [n for n in names if n != "trl-1.16" or _trl_imports()]
+    assert "rlloss-fused-loss" in names or not triton_runs_here()
     for name in names:
-        # a log-prob-only contender's entropy carries no gradient: compared with the reference's without one
-        g_ent = torch.zeros_like(ge) if name in bench_hidden.LOGP_ONLY else ge
+        # the loss path's loss has the log-prob contenders' gradient with no entropy term
+        g_ent = torch.zeros_like(ge) if name in bench_hidden.LOSS else ge
         want = bench_hidden.step(bench_hidden.build("rlloss-torch"), hidden, weight, ids, gl, g_ent)
         got = bench_hidden.step(bench_hidden.build(name), hidden, weight, ids, gl, g_ent)
         for what, a, e in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
+            if a is None:  # the loss path returns no log-probs
+                assert name in bench_hidden.LOSS
+                continue
             assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=f"{name} {what}")
 
 
@@ -436,17 +554,54 @@ def _trl_imports() -> bool:
     return True
 
 
-def test_fused_extra_memory_has_no_term_in_n_times_v():
+@needs_triton
+@pytest.mark.parametrize("function", ["linear_token_logprobs", "policy_loss_from_hidden"])
+def test_extra_memory_is_one_tile_and_the_weight_accumulator(function, monkeypatch):
+    """The issue's bound, counted on the CPU allocator: N = 2048, V = 16384, H = 64, ``max_tile_bytes=8 MiB``:
+    the peak beyond inputs, outputs and gradients of forward + backward stays under 16 MiB, an eighth of
+    one ``[N, V]`` fp32 buffer (128 MiB), so nothing of size ``N * V`` is ever held.
+
+    The two tile epilogues are replaced by no-ops: kernels allocate nothing (the glue around them does,
+    with shapes that never depend on values: no sync, no boolean indexing), and Triton's interpreter
+    would take minutes over 2048 rows of 16384 logits. The values are then meaningless; the memory is not.
+    """
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_hidden
+    from rlloss.kernels import linear_logprobs
 
-    n, v, h = 65536, 151936, 3584
-    extra = bench_hidden.fused_extra_bytes(n, v, h)
-    accumulators = 4 * (n * h + v * h)  # fp32 d hidden and d weight
-    assert accumulators <= extra <= accumulators + 4 * 2**20  # plus a few MB of per-token statistics
-    assert bench_hidden.fused_extra_bytes(n, 2 * v, h) - extra == 4 * v * h  # doubling V adds only d weight's rows
+    if DEVICE.type != "cpu":
+        pytest.skip("counted with the CPU allocator's profiler (the CUDA benchmark measures the GPU)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import cpu_peak_bytes
+
+    class NoOp:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for kernel in ("_tile_stats_kernel", "_logits_bwd_kernel"):
+        monkeypatch.setattr(linear_logprobs, kernel, NoOp())
+    n, v, h_dim = 2048, 16384, 64
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, n // 2, h_dim, generator=gen)
+    weight = torch.randn(v, h_dim, generator=gen) / 8
+    ids = torch.randint(0, v, (2, n // 2), generator=gen)
+    mask = torch.ones(2, n // 2, dtype=torch.bool)
+    old, adv = -torch.rand(2, n // 2, generator=gen) * 5, torch.randn(2, generator=gen)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+
+    def step():
+        if function == "policy_loss_from_hidden":
+            loss = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, max_tile_bytes=8 * 2**20,
+                                                  backend="triton").loss
+        else:
+            loss = rlloss.linear_token_logprobs(h, w, ids, mask=mask, max_tile_bytes=8 * 2**20, backend="triton").sum()
+        return torch.autograd.grad(loss, [h, w])
+
+    peak = cpu_peak_bytes(step)
+    gradients, outputs = 4 * (n * h_dim + v * h_dim), 4 * n
+    extra = peak - gradients - outputs
+    assert extra < 16 * 2**20, f"{function}: {extra / 2**20:.1f} MiB beyond inputs, outputs and gradients"
+    assert extra >= 8 * 2**20  # the tile itself is counted: the meter sees the allocations
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -511,85 +666,79 @@ def test_without_entropy_the_gradient_is_the_log_prob_gradient():
         assert_close(g, e, torch.float32, scale=float(e.abs().max()))
 
 
-@needs_triton
-def test_forward_d_hidden_plus_recomputed_entropy_part_is_the_recomputed_whole():
-    # the op's two ways to d hidden: the forward's d logp / d hidden scaled in backward (plus, for an
-    # entropy gradient, a recompute of the entropy's part only) and a recompute of all of it
-    from rlloss.kernels import ops
-
-    hidden, weight, b, ids, mask = make_head(70, 33, 301, torch.float32, 15, bias=True, mask_kind="random")
-    hidden, ids, mask = hidden[0], ids[0], mask[0]  # the ops take [N, H] and [N]
-    gl, ge = (g[0] for g in upstream(70, "both", 15, False))
-    logp, ent, m, log_s, dlogp_dh = ops.linear_token_logprobs(hidden, weight, b, ids, mask, 0.8, True)
-    assert dlogp_dh.shape == hidden.shape and bool((dlogp_dh[~mask] == 0).all())
-    start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    for g_ent in (None, ge):
-        whole = ops.linear_grads(hidden, weight, b, ids, mask, start, m, log_s, ent, gl, g_ent, 0.8)
-        split = ops.linear_grads(hidden, weight, b, ids, mask, start, m, log_s, ent, gl, g_ent, 0.8, False, dlogp_dh)
-        assert torch.equal(whole[1], split[1]) and torch.equal(whole[2], split[2])  # d weight, d bias: one kernel
-        assert_close(split[0], whole[0], torch.float32, scale=float(whole[0].abs().max()), what="d hidden")
-
-
-# --- which kernels run: the log-prob-only forward, frozen parameters ----------------------------------------
+# --- which steps run: the matmuls over the head and the tile epilogues ------------------------------------------
 
 
 class _Launches:
-    """Records the from-hidden kernels launched (name, HIDDEN_GRAD) while installed in place of them."""
+    """Records the steps of ``kernels.linear_logprobs.run_chunks`` while installed in place of them: the three
+    matmuls over the head (``logits``, ``d hidden``, ``d weight``) and the two row epilogues (``stats``, ``grad``)."""
 
-    NAMES = ("_linear_fwd_kernel", "_linear_finish_kernel", "_linear_dh_kernel", "_linear_dw_kernel")
+    STEPS = {"logits_product": "logits", "_tile_stats_kernel": "stats", "_logits_bwd_kernel": "grad",
+             "hidden_product": "d hidden", "add_weight_product": "d weight"}
 
     def __init__(self, monkeypatch):
         from rlloss.kernels import linear_logprobs
 
-        self.seen: list[tuple[str, bool | None]] = []
-        for name in self.NAMES:
-            monkeypatch.setattr(linear_logprobs, name, self._spy(getattr(linear_logprobs, name), name))
+        self.seen: list[str] = []
+        for name, step in self.STEPS.items():
+            monkeypatch.setattr(linear_logprobs, name, self._spy(getattr(linear_logprobs, name), step))
 
-    def _spy(self, kernel, name):
+    def _spy(self, fn, step):
         seen = self.seen
+        if not hasattr(fn, "run"):  # a Python function
+            def call(*args, **kwargs):
+                seen.append(step)
+                return fn(*args, **kwargs)
+            return call
 
-        class Spy:
+        class Kernel:  # a Triton kernel, launched as kernel[grid](...)
             def __getitem__(self, grid):
-                launch = kernel[grid]
+                seen.append(step)
+                return fn[grid]
+        return Kernel()
 
-                def run(*args, **kwargs):
-                    seen.append((name[8:-7], kwargs.get("HIDDEN_GRAD")))
-                    return launch(*args, **kwargs)
-                return run
-        return Spy()
+
+FWD, GRADS = ["logits", "stats"], ["grad", "d hidden", "d weight"]
 
 
 @needs_triton
 @pytest.mark.parametrize("case, want", [
-    ("logp", [("fwd", True), ("finish", None), ("dw", None)]),
-    ("entropy metric", [("fwd", True), ("finish", None), ("dw", None)]),
-    ("entropy grad", [("fwd", False), ("dh", None), ("dw", None)]),
-    ("entropy returned, unused", [("fwd", False), ("dh", None), ("dw", None)]),
-    ("no_grad", [("fwd", False)]),
-    ("frozen head", [("fwd", True), ("finish", None)]),
-    ("frozen hidden", [("fwd", False), ("dw", None)]),
-    ("loss, entropy_coef=0", [("fwd", True), ("finish", None), ("dw", None)]),
-    ("loss, entropy_coef>0", [("fwd", False), ("dh", None), ("dw", None)]),
+    ("logp", FWD + ["logits"] + GRADS),
+    ("entropy metric", FWD + ["logits"] + GRADS),
+    ("entropy grad", FWD + ["logits"] + GRADS),
+    ("no_grad", FWD),
+    ("frozen head", FWD + ["logits", "grad", "d hidden"]),
+    ("frozen hidden", FWD + ["logits", "grad", "d weight"]),
+    ("loss", FWD + GRADS),  # the loss path: 3 matmuls
+    ("loss, entropy bonus", FWD + GRADS),
+    ("loss, frozen head", FWD + ["grad", "d hidden"]),
+    ("loss, no_grad", FWD),
+    ("loss, 3 tiles", (FWD + GRADS) * 3),
+    ("loss, GSPO", FWD + ["logits"] + GRADS),  # a row statistic first: the general path, 4 matmuls
 ])
-def test_each_call_runs_the_kernels_it_needs_and_the_gradients_it_asks_for(monkeypatch, case, want):
-    # only the log-prob differentiated: the forward forms d logp / d hidden, backward recomputes once
-    # (d weight); what is frozen costs no kernel; the values and gradients are the reference's either way
+def test_each_call_runs_the_steps_it_needs_and_the_gradients_it_asks_for(monkeypatch, case, want):
+    # what is frozen costs no matmul; a token-local loss computes its logits once; the values and gradients
+    # are the reference's either way
     hidden, weight, b, ids, mask = make_head(40, 17, 301, torch.float32, 16, bias=False, mask_kind="random")
     gen = torch.Generator().manual_seed(16)
     old, adv = torch.randn(1, 40, generator=gen) - 2, torch.randn(1, generator=gen)
 
     def call(backend):
-        h = hidden.clone().requires_grad_(case != "frozen hidden")
-        w = weight.clone().requires_grad_(case != "frozen head")
+        h = hidden.clone().requires_grad_(not case.endswith("frozen hidden"))
+        w = weight.clone().requires_grad_(not case.endswith("frozen head"))
         leaves = [x for x in (h, w) if x.requires_grad]
+        if case.startswith("loss"):
+            kw = dict(entropy_coef=0.1 if "bonus" in case else 0.0, level="sequence" if "GSPO" in case else "token",
+                      max_tile_bytes=4 * 301 * 14 if "3 tiles" in case else None)
+            if case.endswith("no_grad"):
+                with torch.no_grad():
+                    return [rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, backend=backend, **kw).loss]
+            out = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, backend=backend, **kw)
+            return [out.loss.detach(), *torch.autograd.grad(out.loss, leaves)]
         if case == "no_grad":
             with torch.no_grad():
                 return [rlloss.linear_token_logprobs(h, w, ids, mask=mask, backend=backend)]
-        if case.startswith("loss"):
-            coef = 0.0 if case.endswith("=0") else 0.1
-            out = rlloss.policy_loss_from_hidden(h, w, ids, old, adv, mask, entropy_coef=coef, backend=backend)
-            return [out.loss.detach(), *torch.autograd.grad(out.loss, leaves)]
-        kind = {"entropy metric": "metric", "entropy grad": "grad", "entropy returned, unused": "grad"}.get(case)
+        kind = {"entropy metric": "metric", "entropy grad": "grad"}.get(case)
         out = rlloss.linear_token_logprobs(h, w, ids, mask=mask, return_entropy=kind is not None,
                                            entropy_grad=kind == "grad", backend=backend)
         logp, ent = out if kind else (out, None)
@@ -599,7 +748,7 @@ def test_each_call_runs_the_kernels_it_needs_and_the_gradients_it_asks_for(monke
     want_values = call("torch")
     launches = _Launches(monkeypatch)
     got = call("triton")
-    assert launches.seen == want, f"{case}: launched {launches.seen}"
+    assert launches.seen == want, f"{case}: ran {launches.seen}"
     for a, e in zip(got, want_values, strict=True):
         assert_close(a, e, torch.float32, scale=float(e.abs().max()) + 1.0, what=case)
 
@@ -607,8 +756,8 @@ def test_each_call_runs_the_kernels_it_needs_and_the_gradients_it_asks_for(monke
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_log_probs_are_bitwise_the_same_whether_or_not_a_gradient_follows(dtype):
-    # the old and reference log-probs come from no-grad calls, the training call takes the forward that
-    # forms d logp / d hidden: the same tiles, the same sums, so an on-policy ratio is exactly 1
+    # the old and reference log-probs come from no-grad calls, the training call forms its gradient: the same
+    # tiles (the same height from the same N), the same sums, so an on-policy ratio is exactly 1
     hidden, weight, b, ids, mask = make_head(70, 33, 1031, dtype, 17, bias=True, mask_kind="random")
     with torch.no_grad():
         plain, plain_ent = rlloss.linear_token_logprobs(hidden, weight, ids, bias=b, mask=mask, return_entropy=True,
@@ -618,6 +767,11 @@ def test_log_probs_are_bitwise_the_same_whether_or_not_a_gradient_follows(dtype)
         logp, ent = rlloss.linear_token_logprobs(h, w, ids, bias=bb, mask=mask, return_entropy=True,
                                                  entropy_grad=entropy_grad, backend="triton")
         assert torch.equal(logp.detach(), plain) and torch.equal(ent.detach(), plain_ent)
+    h, w, bb = leaves(hidden, weight, b)
+    adv = torch.tensor([1.0], device=DEVICE)
+    out = rlloss.policy_loss_from_hidden(h, w, ids, plain, adv, mask, bias=bb, backend="triton")
+    assert out.metrics["ratio_mean"].item() == 1.0 and out.metrics["clip_low"].item() == 0.0
+    assert out.metrics["entropy_mean"].item() == pytest.approx(float(plain_ent[mask].double().mean()), rel=1e-6)
 
 
 @needs_triton

@@ -1,5 +1,5 @@
-"""The Triton path from logits: entropy against fp64 at large logits, the in-kernel id check, and
-masked positions that are never read.
+"""The Triton path from logits: entropy against fp64 at large logits, the id check, and masked
+positions that are never read.
 
 Equivalence with the reference over drawn shapes is in ``tests/test_logits.py``; launches and bytes
 in ``tests/test_traffic.py``.
@@ -48,16 +48,20 @@ def test_entropy_mean_of_the_fused_loss_matches_fp64_near_1e4():
     assert abs(float(out.metrics["entropy_mean"]) - float(expected)) <= ENTROPY_ATOL + ENTROPY_RTOL * float(expected)
 
 
-def test_an_id_outside_the_vocabulary_makes_the_loss_nan_without_a_sync():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [11, -1, -100])
+def test_an_id_outside_the_vocabulary_at_a_valid_position_raises(backend, bad):
+    # a ValueError naming ids on the CPU (on CUDA a device-side assert, no sync), never a NaN loss; the same
+    # id where masked is never read
     logits = torch.randn(2, 3, 11)
     ids = torch.randint(0, 11, (2, 3))
-    ids[1, 2] = 11
+    ids[1, 2] = bad
     mask = torch.ones(2, 3, dtype=torch.bool)
-    out = rlloss.policy_loss_from_logits(logits, ids, None, torch.ones(2), mask, backend="triton")
-    assert torch.isnan(out.loss)
-    # the reference path checks on the host and names the argument
-    with pytest.raises(ValueError, match="ids must be in"):
-        rlloss.policy_loss_from_logits(logits, ids, None, torch.ones(2), mask, backend="torch")
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 11\)"):
+        rlloss.policy_loss_from_logits(logits, ids, None, torch.ones(2), mask, backend=backend)
+    mask[1, 2] = False
+    out = rlloss.policy_loss_from_logits(logits, ids, None, torch.ones(2), mask, backend=backend)
+    assert torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

@@ -130,34 +130,40 @@ def other_cases():
 
 
 def linear_cases():
-    """The loss from hidden states: ``rlloss::linear_*`` (N=70 tokens, H=17, V=131: no block multiple)."""
+    """The loss from hidden states: ``rlloss::linear_*`` (N=70 tokens, H=17, V=131: no block multiple;
+    tiles of 70 and, with ``rows=32``, three chunks)."""
     gen = torch.Generator().manual_seed(8)
     n, h_dim, v = 70, 17, 131
     valid = torch.rand(n, generator=gen) > 0.3
     h = torch.where(valid[:, None], torch.randn(n, h_dim, generator=gen), 0.0)  # opcheck: keep outputs finite
     w, b = torch.randn(v, h_dim, generator=gen) * 0.3, torch.randn(v, generator=gen)
     ids = torch.where(valid, torch.randint(0, v, (n,), generator=gen), -100)
-    start = torch.zeros(1, dtype=torch.int64)
-    m, log_s, ent, gl, ge = (torch.randn(n, generator=gen) for _ in range(5))
+    lse, ent, gl, ge = (torch.randn(n, generator=gen) for _ in range(4))
     grad = (h.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True))
-    yield "bias", ops.linear_token_logprobs, (*grad, ids, valid, 0.9)
-    yield "forward-dh", ops.linear_token_logprobs, (*grad, ids, valid, 0.9, True)
-    yield "bias", ops.linear_stats, (h, w, b, ids, valid, start, 0.9)
-    yield "forward-dh", ops.linear_stats, (h, w, b, ids, valid, start, 0.9, True)
-    acc = torch.randn(n, h_dim, generator=gen)
-    coef, one_minus_p = -torch.rand(n, generator=gen), torch.where(valid, torch.rand(n, generator=gen), 0.0)
-    yield "finish", ops.linear_finish_logp_hidden_grad_, (acc, w, ids, start, coef, one_minus_p, 0.9)
-    yield "bias", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9)
-    yield "logp-only", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, None, 0.9)
-    yield "fp32-dh", ops.linear_grads, (h, w, None, ids, valid, start, m, log_s, ent, gl, ge, 0.9, True)
-    dlogp_dh = torch.randn(n, h_dim, generator=gen)
-    yield "forward-dh", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, None, 0.9, False, dlogp_dh)
-    yield "forward-dh+entropy", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False,
-                                                   dlogp_dh)
-    yield "frozen-head", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False, None, True,
-                                            False)
-    yield "frozen-hidden", ops.linear_grads, (h, w, b, ids, valid, start, m, log_s, ent, gl, ge, 0.9, False, None,
-                                              False, True)
+    yield "bias", ops.linear_logprobs, (*grad, ids, valid, 0.9, n)
+    yield "3-chunks", ops.linear_logprobs, (*grad, ids, valid, 0.9, 32)
+    yield "bias", ops.linear_logprobs_backward, (h, w, b, ids, valid, lse, ent, gl, ge, 0.9, 32, True, True)
+    yield "logp-only", ops.linear_logprobs_backward, (h, w, None, ids, valid, lse, ent, gl, None, 0.9, n, True, True)
+    yield "frozen-head", ops.linear_logprobs_backward, (h, w, b, ids, valid, lse, ent, gl, ge, 0.9, n, True, False)
+    yield "frozen-hidden", ops.linear_logprobs_backward, (h, w, b, ids, valid, lse, ent, gl, ge, 0.9, n, False, True)
+    tile = h @ w.T
+    yield "bias", ops.linear_tile_stats, (tile, b, ids, valid, 0.9)
+    yield "fp32", ops.linear_tile_grad_, (tile.clone(), b, ids, valid, lse, ent, gl, ge, 0.9, torch.float32)
+    yield "bf16-half", ops.linear_tile_grad_, (tile.clone(), None, ids, valid, lse, ent, gl, None, 0.9, torch.bfloat16)
+    # the loss path: DAPO's clip, token mean, an entropy bonus; [B, T] = [7, 10]
+    B, T = 7, 10
+    mask, ids2 = valid.view(B, T), ids.view(B, T)
+    old, adv = -torch.rand(B, T, generator=gen) * 3, torch.randn(B, generator=gen)
+    scale = mask.float() / mask.sum()
+    loss_args = dict(objective=0, dual_or_low=False, delta_or_high=False, params=[0.8, 1.28, 0.0, 0.0], row_stat=0,
+                     beta=0.0, kl_kind=2, kl_bias_correction=False, max_log_ratio=20.0, aggregation=0, max_tokens=1.0,
+                     num_tokens_value=-1.0, num_seqs_value=-1.0, dp_size=1)
+    hidden3 = grad[0].detach().view(B, T, h_dim).clone().requires_grad_(True)
+    yield "dapo", ops.linear_policy_loss, (hidden3, grad[1], grad[2], ids2, mask, old, adv, None, None, scale, None,
+                                           None, 0.9, 0.01, 32, True, True, *loss_args.values())
+    yield "frozen-head", ops.linear_policy_loss, (hidden3, w, None, ids2, mask, None, adv, None, None, scale, None,
+                                                  None, 1.0, 0.0, n, True, False, *loss_args.values())
+    yield "scalar", ops.scale_by_scalar, (torch.randn(5, 3, generator=gen), torch.tensor(1.5), torch.bfloat16)
 
 
 CASES = list(policy_loss_cases()) + list(other_cases()) + list(linear_cases())

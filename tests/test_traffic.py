@@ -138,8 +138,8 @@ def test_fused_policy_loss_launches_and_bytes(recipe, dtype, mask_kind):
 # --------------------------------------------------------------------------------- from logits
 
 LB, LT, LV = 4, 64, 4096  # the counts scale with B*T*V: a small problem shows the same ratios
-# Fused from-logits, forward + backward: token-level objectives at most 4 launches (GSPO 5: its
-# row-ratio pass), no sync. Bytes: the forward reads the logits once, the backward reads them again
+# Fused from-logits, forward + backward: token-level objectives at most 5 launches, the first the
+# check that every id read lies in the vocabulary (GSPO 6: its row-ratio pass), no sync. Bytes: the forward reads the logits once, the backward reads them again
 # and writes the gradient, so with every position valid the ratio to the read-once-write-once floor
 # is 3/2 plus the small per-token inputs: 1.5x is the floor of any design with a separate backward
 # (1.45x would need the gradient formed in the forward, before grad_out is known). Masked positions
@@ -155,7 +155,7 @@ def test_fused_policy_loss_from_logits_launches_and_bytes(recipe, dtype, mask_ki
     problem = traffic.make_logits_problem(LB, LT, LV, dtype, mask=mask_kind)
     floor = traffic.minimum_bytes_from_logits(problem, recipe)
     fused = traffic.count_from_logits(problem, recipe, "triton")
-    max_launches = 5 if recipe.level == "sequence" else 4
+    max_launches = 6 if recipe.level == "sequence" else 5
     report = (f"from logits {recipe.name} {dtype} mask={mask_kind} B={LB} T={LT} V={LV}: {fused.n_launches} launches, "
               f"{fused.syncs} syncs, {fused.bytes / floor:.3f}x the minimum {floor:,}\n{fused.table()}")
     print(report)
