@@ -20,7 +20,7 @@ counted for forward+backward and an H100 roofline model built from them (``roofl
 labelled as a model), the from-logits problem (``bench_logits.py``) and the loss from hidden
 states (``bench_hidden.py``: measured on the CPU at a small size, counted and modelled at a 152k
 vocabulary). The compiled machine
-code of the kernels is in ``benchmarks/gpu_compile.py``.
+code of the kernels is in ``benchmarks/compile/gpu_compile.py``.
 
 The default run is a complete picture in a few minutes on 2 cores: each recipe as published (KL
 only for GRPO) at two sizes on the CPU. ``--full`` adds the other sizes and each recipe with and

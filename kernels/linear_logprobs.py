@@ -54,7 +54,7 @@ import triton.language as tl
 # order, so a no-grad call (old or reference log-probs) and the training call give bitwise the same
 # log-probs, and an on-policy ratio is exactly 1. d weight without the entropy's terms ("dw") has
 # the registers for 512 tokens per tile; with them ("dw_ent") it spills there. fp32 products ("ieee")
-# are FFMAs from registers, so fp32 takes small tiles, or it spills (benchmarks/gpu_compile.py
+# are FFMAs from registers, so fp32 takes small tiles, or it spills (benchmarks/compile/gpu_compile.py
 # checks every configuration).
 BLOCKS: dict[str, dict[str, tuple[int, int, int, int]]] = {
     "16bit": {"fwd": (32, 256, 64, 8), "dh": (32, 256, 32, 8), "dw": (512, 32, 32, 8), "dw_ent": (256, 32, 64, 8)},
