@@ -6,7 +6,7 @@ log_softmax, gather, the loss), ``rlloss-compile`` (the same reference under ``t
 (Liger-Kernel's ``triton_grpo_loss``, the peer; CUDA only, when ``liger_kernel`` imports). Timed
 as the policy loss is (``harness.measure_together``: forward and backward of the same step, the
 contenders taking turns; medians and quartiles). On the CPU only the smallest size runs (4096
-tokens, V=32768: 256 MiB of bf16 logits). The counted section counts launches and bytes at a
+tokens, V=32768: 256 MiB of bf16 logits; 2048 tokens without ``--full``). The counted section counts launches and bytes at a
 small size, where the interpreter is quick, and the modelled H100 time scales those bytes to the
 GPU sizes in proportion to tokens x vocabulary (the logits dominate every term).
 """
@@ -26,7 +26,8 @@ from spread import Ratio, Spread
 from roofline import HBM_BYTES_PER_S, LAUNCH_US
 from traffic import count_torch_ops, count_triton, interpreter_active
 
-CPU_SIZES = ((4096, 32768),)
+CPU_SIZES = ((4096, 32768),)  # --full
+CPU_DEFAULT_SIZES = ((2048, 32768),)  # a step of the eager reference takes seconds on the CPU: half of it
 GPU_SIZES = tuple((n, v) for v in (32768, 151936) for n in (4096, 16384, 65536))
 QUICK_SIZES = ((256, 4096),)
 COUNT_SIZE = (2, 128, 4096)  # B, T, V for the counted section
@@ -172,7 +173,10 @@ def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str,
 def time_and_count(run: Run) -> dict[str, Any]:
     """``bench_loss.py``'s part: the timed from-logits table, then the counted and modelled section."""
     names = contenders(run.on_gpu, with_compile=run.compile, skipped=run.skipped)
-    sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES
+    sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES if run.full else CPU_DEFAULT_SIZES
+    if sizes == CPU_DEFAULT_SIZES:
+        run.skip(f"from logits at {CPU_SIZES[0][0]} tokens x V={CPU_SIZES[0][1]}: timed at {sizes[0][0]} tokens "
+                 "instead (--full times it)")
     meter = run.meter.with_reps(run.meter.reps if run.on_gpu else min(run.meter.reps, 3), warmup=1)
     rows = sweep(names, sizes, run.device, meter)
     print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {meter.reps} steps after 1 warm-up, each timed as its "

@@ -102,6 +102,7 @@ CONTENDERS = {
 }
 CPU_REPS, CUDA_REPS, QUICK_REPS = 15, 30, 5
 MIN_SECONDS = 1.0  # per case, the contenders' steps together: small cases take more steps (harness.Meter)
+SLOW_PART_REPS = 3  # the default CPU run's steps per contender in the from-logits and from-hidden parts
 PHASES = harness.PHASES
 LossFn = harness.LossFn
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, metavar="N",
                         help=f"timed steps per case and contender (default: {CPU_REPS} on the CPU, "
                              f"{CUDA_REPS} on CUDA, {QUICK_REPS} with --quick; the from-logits and from-hidden parts "
-                             "take at most 3 and 5)")
+                             f"take at most 3 and 5, and at most {SLOW_PART_REPS} in a CPU run without --full)")
     parser.add_argument("--warmup", type=int, default=2, metavar="N",
                         help="untimed steps first, torch.compile's compilation among them (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
@@ -333,12 +334,16 @@ def _run(args: argparse.Namespace, device: torch.device, loss_threads: int) -> i
         record, rows, names = run_loss(run, args.dtypes)
     record = {"environment": env, "full": run.full, "published_kl": published_kl(), **record}
     seconds = {"policy loss": time.perf_counter() - started}
+    # On the CPU a step of the from-logits and from-hidden problems takes seconds: the default run
+    # times at most SLOW_PART_REPS of them (each part caps its own count too); --full leaves the parts' own.
+    slow_parts = dataclasses.replace(run, meter=run.meter.with_reps(min(run.meter.reps, SLOW_PART_REPS),
+                                                                     run.meter.warmup))
     for part in PARTS:
         if getattr(args, f"skip_{part.flag}"):
             run.skip(f"{part.name} (--skip-{part.flag})")
             continue
         part_started = time.perf_counter()
-        record |= part.run(run)
+        record |= part.run(run if run.full or run.on_gpu else slow_parts)
         seconds[part.name] = time.perf_counter() - part_started
 
     tag = ("cuda" if run.on_gpu else "cpu") + ("" if run.full else "-quick")  # only a full run is the record
