@@ -27,6 +27,11 @@ def is_rlloss(name: str) -> bool:
     return name.startswith("rlloss")
 
 
+def ms_text(ms: float) -> str:
+    """3 significant figures, no exponent: 0.512, 14.8, 9860."""
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One speed-up of the summary: ``contender`` against ``peer`` in ``case`` of ``part``."""
@@ -108,7 +113,7 @@ def render(record: Mapping[str, Any], found: list[Entry]) -> str:
         for case in dict.fromkeys(e.case for e in mine):
             row = {e.contender: e for e in mine if e.case == case}
             first = next(iter(row.values()))
-            body.append([case, f"{first.peer} ({first.peer_ms:.3g})", *(str(row[n].ratio) if n in row else "-"
+            body.append([case, f"{first.peer} ({ms_text(first.peer_ms)})", *(str(row[n].ratio) if n in row else "-"
                                                                           for n in names)])
         widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
         lines.append("")
