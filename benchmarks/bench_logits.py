@@ -3,12 +3,13 @@
 Contenders (``CONTENDERS``): ``rlloss-torch`` (``policy_loss_from_logits(backend="torch")``:
 log_softmax, gather, the loss), ``rlloss-compile`` (the same reference under ``torch.compile``),
 ``rlloss-triton`` (the fused vocabulary-streaming kernels; CUDA only) and ``liger-triton``
-(Liger-Kernel's ``triton_grpo_loss``, the peer; CUDA only, when ``liger_kernel`` imports). Timed
-as the policy loss is (``harness.measure_together``: forward and backward of the same step, the
+(Liger-Kernel's ``triton_grpo_loss``, the peer; CUDA only, when ``liger_kernel`` imports). Timed as
+the policy loss is (``harness.measure_together``: forward and backward of the same step, the
 contenders taking turns; medians and quartiles). On the CPU only the smallest size runs (4096
-tokens, V=32768: 256 MiB of bf16 logits; 2048 tokens without ``--full``). The counted section counts launches and bytes at a
-small size, where the interpreter is quick, and the modelled H100 time scales those bytes to the
-GPU sizes in proportion to tokens x vocabulary (the logits dominate every term).
+tokens, V=32768: 256 MiB of bf16 logits; 2048 tokens without ``--full``). The counted section counts
+launches and bytes at a small size, where the interpreter is quick, and the modelled H100 time
+scales those bytes to the GPU sizes in proportion to tokens x vocabulary (the logits dominate every
+term).
 """
 
 from __future__ import annotations

@@ -9,40 +9,40 @@ Contenders (``CONTENDERS``), on the same inputs in one run:
 * ``rlloss-triton``: the fused kernels, on a CUDA device only (skipped on the CPU with the reason
   printed: interpreter timings measure Python, not a kernel).
 
-Each timed figure is the median of ``--reps`` training steps after warm-up, with its quartiles
-(``harness.measure``): each step is timed as its forward and then the backward of that forward's
-loss, and its total is their sum, so the total is never below its parts. ``x trl-inline`` is the
-peer's total over the contender's, with the range the quartiles allow (``spread.Ratio``); ``?``
-marks a figure or ratio too noisy to mean anything (``spread.py`` defines it) and the run ends with
-a warning when a summarised ratio is. On the CPU, times are ``time.perf_counter``, the policy loss's
-on one thread by default (``--threads``), and peak extra memory comes from the profiler's memory
-events (allocations minus frees during forward+backward). On a CUDA device the same command times with CUDA events,
-reads ``torch.cuda.max_memory_allocated`` and sweeps larger sizes. Results: aligned tables on
-stdout, a one-screen summary at the end (``summary.py``: per recipe, rlloss against the best
-peer), ``benchmarks/results/bench-<device>.json`` (``-quick`` unless ``--full``) and a PNG figure
-of every part beside it (``plots.py``).
+Each timed figure is the median of ``--reps`` training steps or more after warm-up, with its
+quartiles (``harness.measure_together``): each step is timed as its forward and then the backward
+of that forward's loss, and its total is their sum, so the total is never below its parts; the
+contenders of a case take turns step by step, so the machine's load falls on all alike.
+``x trl-inline`` is the peer's total over the contender's, with the range the quartiles allow
+(``spread.Ratio``); ``?`` marks a figure or ratio too noisy to mean anything (``spread.py``
+defines it) and the run ends with a warning when a summarised ratio is. On the CPU, times are
+``time.perf_counter``, the policy loss's on one thread by default (``--threads``), and peak extra
+memory comes from the profiler's memory events (allocations minus frees during forward+backward).
+On a CUDA device the same command times with CUDA events, reads ``torch.cuda.max_memory_allocated``
+and sweeps larger sizes. Results: aligned tables on stdout, a one-screen summary at the end
+(``summary.py``: per recipe, rlloss against the best peer), ``benchmarks/results/bench-<device>.json``
+(``-quick`` unless ``--full``) and a PNG figure of every part beside it (``plots.py``).
 
 Why the policy loss is timed on one thread on the CPU by default: its ops take microseconds to a
 few milliseconds, and on a shared 2-core machine torch's second intra-op thread waits for a core
-another process holds, a wait longer than the op. Measured on this project's 2-core machine with other jobs
-running, 15 steps each: with 2 threads the forward at 16x1024 took 7.4 or 15.2 ms in nearly every
-step (0.15 to 1.3 ms on one thread) while the backward took 0.5 to 0.8 ms either way, and the
-totals' IQR was 76% of their median over 16 cases (16% on one thread). Timed in separate calls,
-as this script did before, those stalls landed in some phases and not others: rows such as fwd
-12.8 ms, bwd 0.77, f+b 1.81 (the issue's: 14.8, 0.57, 1.26). ``--threads 0`` keeps torch's default.
-The from-logits and from-hidden-states problems, whose ops take milliseconds to seconds, run on
-torch's default threads (every core), where a wait for a core is small beside an op.
+another process holds, a wait longer than the op. Measured on this project's 2-core machine with
+other jobs running, 15 steps each: with 2 threads the forward at 16x1024 took 7.4 or 15.2 ms in
+nearly every step (0.15 to 1.3 ms on one thread) while the backward took 0.5 to 0.8 ms either
+way, and the totals' IQR was 76% of their median over 16 cases (16% on one thread). Timed in
+separate calls, as this script did before, those stalls landed in some phases and not others: rows
+such as fwd 12.8 ms, bwd 0.77, f+b 1.81 (the issue's: 14.8, 0.57, 1.26). ``--threads 0`` keeps
+torch's default. The from-logits and from-hidden-states problems, whose ops take milliseconds to
+seconds, run on torch's default threads (every core), where a wait for a core is small beside an op.
 
 Then the other parts of the report, each a module registered in ``PARTS``: launches and bytes
 counted for forward+backward and an H100 roofline model built from them (``roofline.py``,
 labelled as a model), the from-logits problem (``bench_logits.py``) and the loss from hidden
 states (``bench_hidden.py``: measured on the CPU at a small size, counted and modelled at a 152k
-vocabulary). The compiled machine
-code of the kernels is in ``benchmarks/compile/gpu_compile.py``.
+vocabulary). The compiled machine code of the kernels is in ``benchmarks/compile/gpu_compile.py``.
 
-The default run is a complete picture in a few minutes on 2 cores: each recipe as published (KL
-only for GRPO) at two sizes on the CPU. ``--full`` adds the other sizes and each recipe with and
-without the KL term; the output says what the default left out.
+The default run is a complete picture in a few minutes on 2 cores (the README gives the times
+measured): each recipe as published (KL only for GRPO) at two sizes on the CPU. ``--full`` adds the
+other sizes and each recipe with and without the KL term; the output says what the default left out.
 
 Usage::
 

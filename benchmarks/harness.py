@@ -10,12 +10,13 @@ module says how:
   ``cuda_peak_bytes`` reads ``torch.cuda.max_memory_allocated``.
 * ``measure_together`` times ``reps`` training steps of each contender of a case, the contenders
   taking turns step by step, each step split into its forward and its backward, and takes one
-  step's peak memory; ``measure`` does it for one. A step's total is its forward plus its backward, so in every run the
-  total is at least each part, and so are the medians and quartiles taken over the runs. (Timed in
-  separate calls, as before, each phase's samples came from other moments than the total's, and a
-  stall that hit one call and not the other could leave a forward above its total: fwd 14.8 ms,
-  bwd 0.57, f+b 1.26 on a loaded 2-core machine; ``bench_loss.py`` says where the stalls came
-  from.) Python's garbage collector is paused while a region is timed, as ``timeit`` does.
+  step's peak memory; ``measure`` does it for one. A step's total is its forward plus its
+  backward, so in every run the total is at least each part, and so are the medians and quartiles
+  taken over the runs. (Timed in separate calls, as before, each phase's samples came from other
+  moments than the total's, and a stall that hit one call and not the other could leave a forward
+  above its total: fwd 14.8 ms, bwd 0.57, f+b 1.26 on a loaded 2-core machine; ``bench_loss.py``
+  says where the stalls came from.) Python's garbage collector is paused while a region is timed,
+  as ``timeit`` does.
 * ``timed`` times one callable ``reps`` times the same way: the spread of a single figure.
 * ``sweep`` measures every contender on every case of a ``Bench`` (how a script turns a case into
   inputs and a contender's name into a loss), the inputs built once per case.
@@ -387,14 +388,50 @@ def install_hint(module: str) -> str:
     return f"pip install {dist}"
 
 
+_INSTALLED = re.compile(r"[/\\](?:site|dist)-packages[/\\]([A-Za-z0-9_]+)")
+
+
+def _import_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(the installed package whose import of another failed, the package that raised), when ``exc``
+    was raised while a module was being imported; else None."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    packages = [m.group(1) if m else None for m in (_INSTALLED.search(f.filename) for f in frames)]
+    # a module body running (Python hides the import machinery's own frames, not the module's), or
+    # importlib called by name; the first frame is where the exception was caught, never an import
+    first_import = next((i for i, f in enumerate(frames)
+                         if i and (f.name == "<module>" or "importlib" in f.filename)), None)
+    if first_import is None:
+        return None
+    importer = next((p for p in reversed(packages[:first_import]) if p), packages[first_import])
+    culprit = next((p for p in reversed(packages) if p), None)
+    return (importer, culprit) if importer and culprit else None
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return " " + metadata.version(package.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return ""
+
+
 def skip_reason(exc: BaseException) -> str:
     """Why a contender could not run, in one line; for a package that is missing or does not import,
-    how to install it."""
+    how to install it. A package that raises while it is imported counts as not importing (trl 1.16
+    under transformers < 5.11 does, lazily, when Hugging Face's ``kernels`` is 0.19)."""
     if isinstance(exc, ImportError) and exc.name:
         top = exc.name.split(".")[0]
         what = f"{top} is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name == top \
             else f"{top} does not import ({exc})"[:160]
         return f"{what}; to run it: {install_hint(top)}"
+    failure = _import_failure(exc)
+    if failure:
+        importer, culprit = failure
+        return (f"{importer}{_version(importer)} does not import here: {type(exc).__name__} in "
+                f"{culprit}{_version(culprit)} ({exc})"[:200] + f"; the tested versions: {install_hint(importer)}")
     return f"{type(exc).__name__}: {exc}"[:200]
 
 

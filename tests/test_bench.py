@@ -262,6 +262,25 @@ def test_a_missing_package_says_how_to_install_it():
     assert harness.skip_reason(RuntimeError("out of memory")) == "RuntimeError: out of memory"
 
 
+def test_a_package_that_fails_while_importing_another_is_named(tmp_path, monkeypatch):
+    """trl 1.16 imports transformers lazily inside its autograd function, and transformers < 5.11
+    raises ValueError while importing when Hugging Face's kernels is 0.19: the line must name the
+    importer and the package that raised, not only the ValueError."""
+    site = tmp_path / "lib" / "site-packages"
+    (site / "importer_pkg").mkdir(parents=True)
+    (site / "importer_pkg" / "__init__.py").write_text("def run():\n    import raiser_pkg\n")
+    (site / "raiser_pkg").mkdir()
+    (site / "raiser_pkg" / "__init__.py").write_text("raise ValueError('Either a revision or a version')\n")
+    monkeypatch.syspath_prepend(str(site))
+    import importer_pkg
+
+    with pytest.raises(ValueError) as caught:
+        importer_pkg.run()
+    reason = harness.skip_reason(caught.value)
+    assert reason.startswith("importer_pkg does not import here: ValueError in raiser_pkg"), reason
+    assert "pip install" in reason
+
+
 def test_main_writes_the_record_the_figure_and_the_summary(tmp_path, capsys):
     threads = torch.get_num_threads()
     assert bench_loss.main(["--quick", "--no-compile", "--skip-model", "--no-progress", "--reps", "3",
