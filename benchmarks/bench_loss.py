@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,8 +253,10 @@ def epilog() -> str:
     lines = ["contenders (rlloss-*: rlloss; the others are its peers):", "  policy loss:"]
     lines += [f"    {name:16} {what}" for name, what in CONTENDERS.items()]
     lines += [f"  {part}: {', '.join(names)}" for part, names in part_contenders]
-    lines += ["  a contender that cannot run here is listed with the reason (and, for a missing package, how to",
-              "  install it: TRL's contender from hidden states needs the trl extra, pip install -e \".[trl]\")",
+    lines += ["  a contender that cannot run here is listed with the reason and, for a missing package, how to",
+              "  install it. TRL's contender from hidden states (trl-1.16, which runs on the CPU too):",
+              *textwrap.wrap(harness.install_hint("trl"), 96, initial_indent="    ", subsequent_indent="    ",
+                             break_on_hyphens=False),
               "",
               "policy loss sizes (B x T):",
               f"  CPU: {sizes_text(CPU_DEFAULT_SIZES)}; --full: {sizes_text(CPU_SIZES)}; "

@@ -362,9 +362,15 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+# What an extra needs beside it in the environment the README's dev install makes, and why (checked).
+ALONGSIDE = {"trl": ('"kernels>=0.12,<0.13"', "transformers < 5.11 does not import beside the kernels 0.19 "
+                     "that the dev install's newest transformers brings")}
+
+
 def install_hint(module: str) -> str:
     """How to install the package that provides ``module``: the rlloss extra that pins it (read
-    from the installed rlloss's metadata, so the pins have one source, pyproject.toml), else pip."""
+    from the installed rlloss's metadata, so the pins have one source, pyproject.toml), with what
+    it needs beside it (``ALONGSIDE``), else pip."""
     from importlib import metadata
 
     top = module.split(".")[0]
@@ -378,13 +384,16 @@ def install_hint(module: str) -> str:
         m = re.match(r'\s*([A-Za-z0-9_.-]+)([^;]*);.*extra\s*==\s*"([^"]+)"', line)
         if m:
             extras.setdefault(m.group(3), []).append(m.group(1) + m.group(2).strip())
+
     def names_it(req: str) -> bool:
         return re.split(r"[<>=!~ \\[]", req)[0].lower() == dist.lower()
 
     named = [e for e, reqs in extras.items() if any(map(names_it, reqs))]
     for extra in sorted(named, key=lambda e: e == "dev"):  # the extra made for it before the dev tools
         pins = extras[extra] if extra != "dev" else [r for r in extras[extra] if names_it(r)]
-        return f'pip install -e ".[{extra}]" from the repository root ({", ".join(pins)})'
+        also, why = ALONGSIDE.get(extra, ("", ""))
+        return (f'pip install -e ".[{extra}]"{" " + also if also else ""} from the repository root '
+                f'({", ".join(pins)}{"; " + why if why else ""})')
     return f"pip install {dist}"
 
 
