@@ -14,6 +14,7 @@ Panels, each titled with the kind of its figures (measured, counted, modelled):
 
 Time and memory axes are logarithmic, ticked at 1-2-5 steps in plain numbers. A pure function of
 the record: ``python benchmarks/plots.py RECORD.json OUT.png`` redraws a committed record.
+``plot_grid`` draws log-log line panels the same way (``plot_memory.py``'s memory against tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 TOTAL = "fwd+bwd"
+Panel = tuple[str, dict[str, list[tuple[float, float]]]]  # a title, and (x, y) points per line label
 PANELS = ("time", "time against tokens", "memory", "counted traffic", "from logits", "from hidden states")
 
 
@@ -270,6 +272,41 @@ def draw(record: Mapping[str, Any], published_kl: Mapping[str, bool], path: Path
     fig = figure(record, published_kl, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_grid(grid: Sequence[Sequence[Panel]], path: Path, title: str, xlabel: str, ylabel: str) -> bool:
+    """Log-log line plots, a panel per cell of ``grid``, ticked as the figure is, the legend in the
+    first; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows, cols = len(grid), max(len(row) for row in grid)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    for i, row in enumerate(grid):
+        for j, (panel_title, lines) in enumerate(row):
+            ax = axes[i][j]
+            for label, points in lines.items():
+                if points:
+                    ax.plot(*zip(*sorted(points)), marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _log_axis(ax.xaxis)
+            _log_axis(ax.yaxis)
+            _thin_log_ticks(ax)
+            ax.set_title(panel_title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

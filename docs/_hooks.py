@@ -8,19 +8,37 @@ the same ``../path`` source name MkDocs resolves the link to, and copies it to `
 A link to a file that does not exist, or to a Markdown file outside ``docs/`` (it would be built as
 a page), is not registered, so ``mkdocs build --strict`` reports it.
 Nothing is copied into ``docs/``: the images are stored once, in git, where they are produced.
+
+It also publishes MathJax (``assets/mathjax/tex-svg.js``, named in ``mkdocs.yml``'s ``extra_javascript``)
+from the installed package of the ``docs`` extra, so the formulas render with no request to another
+host: the site works offline. ``tex-svg.js`` is MathJax's single-file TeX-to-SVG build (no font files).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import posixpath
 import re
 from pathlib import Path
 
 from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files, InclusionLevel
 
 # Markdown links and images whose target starts with ../ (the repository root, seen from docs/).
 _LINK = re.compile(r"\]\((\.\./[^)#\s]+)")
+
+# MathJax's files in the package django-static-mathjax (a copy of MathJax 3; Django is not needed), and
+# where the site serves them.
+_MATHJAX = {"es5/tex-svg.js": "assets/mathjax/tex-svg.js", "LICENSE": "assets/mathjax/LICENSE"}
+
+
+def _mathjax_dir() -> Path:
+    spec = importlib.util.find_spec("mathjax")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "static/mathjax/es5").is_dir():
+        raise PluginError('MathJax is not installed: pip install -e ".[docs]" (it brings django-static-mathjax, '
+                          "whose copy of MathJax the site serves)")
+    return Path(spec.origin).parent / "static" / "mathjax"
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
@@ -39,5 +57,8 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
             file = File.generated(config, src_uri, abs_src_path=str(path), inclusion=InclusionLevel.INCLUDED)
             file.dest_uri = "repo/" + path.relative_to(root).as_posix()
             files.append(file)
+    mathjax = _mathjax_dir()
+    for source, dest in _MATHJAX.items():
+        files.append(File.generated(config, dest, abs_src_path=str(mathjax / source)))
     return files
 

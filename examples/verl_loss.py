@@ -6,6 +6,9 @@ A verl run switches to rlloss with one config line each (``rlloss`` registers it
     actor_rollout_ref.actor.policy_loss.loss_mode=rlloss_ppo     # or rlloss_cispo, rlloss_gmpo, ...
     algorithm.adv_estimator=rlloss_grpo
 
+(beside verl's own required settings: its actor config refuses a run without
+``ppo_micro_batch_size_per_gpu`` or ``use_dynamic_bsz``, whatever the loss; below, ``use_dynamic_bsz=True``).
+
 verl's full trainer needs a Ray cluster and GPU workers, so this script runs the two verl
 functions those lines select, inside a minimal loop a laptop runs in seconds: a tiny Qwen2 built
 from a config samples completions, verl's ``compute_advantage`` (``ray_trainer``) computes the
@@ -63,6 +66,9 @@ def main(steps: int = 10, loss_mode: str = "rlloss_ppo", adv_estimator: str = "r
     reference = Qwen2ForCausalLM(config)
     reference.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # use_dynamic_bsz=True: verl's own rule, whatever the loss (ActorConfig asserts that ppo_micro_batch_size_per_gpu
+    # or use_dynamic_bsz is set; a full run sets actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=<n>); this loop
+    # passes one micro-batch per step
     actor = ActorConfig(strategy="fsdp", rollout_n=8, use_dynamic_bsz=True, loss_agg_mode="token-mean",
                         clip_ratio_low=0.2, clip_ratio_high=0.28, use_kl_loss=True, kl_loss_coef=0.01,
                         policy_loss=PolicyLossConfig(loss_mode=loss_mode))

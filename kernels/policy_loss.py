@@ -8,7 +8,8 @@ Launches (forward + backward), mirroring ``rlloss.loss._policy_loss_torch``:
    sum that sequence-level ``kl_bias_correction`` needs for its gradient through the row mean.
 2. ``_policy_loss_fwd_kernel``: per row chunk, the per-token loss (surrogate + beta * k3), its
    gradient d l / d logp, stored for backward, and the chunk's partial sums: loss, token count,
-   clip counts, ratio and KL sums (the metrics come from this same pass).
+   clip counts, ratio and KL sums, and the counts of valid positions with a non-finite input or a
+   positive log-prob (the metrics come from this same pass).
 3. ``_combine_kernel``: one program adds the partials in a fixed order (rows, then chunks; no
    atomics, so the result is bitwise reproducible), applies the aggregation's normaliser, and
    writes the loss, the metrics and the factors backward needs.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES, LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX
+from rlloss._constants import KL_INPUT_CLAMP, KL_KIND_CODES, LOG_OF_FLOOR, POSITIVE_LOGP_TOL, ROW_LOG_WEIGHT_MAX
 
 from ._common import (
     _clamp,
@@ -39,11 +40,12 @@ from ._common import (
 )
 
 # partial sums per chunk, in this order
-N_PARTIALS = 8
-LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL, ENTROPY = range(N_PARTIALS)
+N_PARTIALS = 10
+LOSS, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO, KL, ENTROPY, NONFINITE, POSITIVE = range(N_PARTIALS)
 # metrics the combine writes, in this order: clip_low, clip_high, clip_dual, ratio mean, KL mean, entropy mean
-# (0 unless the pass had an entropy), valid tokens
-N_METRICS = 7
+# (0 unless the pass had an entropy), valid tokens, valid positions with a non-finite input, valid positions
+# with a log-prob > POSITIVE_LOGP_TOL
+N_METRICS = 9
 COMBINE_TILE = 1024
 # The combine is one program: 8 warps share its tile (4 warps made ptxas spill 8 bytes on sm_80).
 COMBINE_WARPS = 8
@@ -68,6 +70,12 @@ def _load_tokens(ptr, row, offs, stride_b, stride_t, in_row, valid):
     """
     x = tl.load(ptr + row * stride_b + offs * stride_t, mask=in_row, other=0.0).to(tl.float32)
     return tl.where(valid, x, 0.0)
+
+
+@triton.jit
+def _nonfinite(x):
+    """True where ``x`` is NaN or +-inf (NaN fails every comparison)."""
+    return ~(tl.abs(x) < INF_)
 
 
 @triton.jit
@@ -229,6 +237,25 @@ def _policy_loss_fwd_kernel(
         tl.store(part_ptr + KL_ * n_chunks_total + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
         if HAS_ENTROPY:
             tl.store(part_ptr + ENTROPY_ * n_chunks_total + pid, tl.sum(ent, axis=0))
+        # inputs a loss should not see, counted (never changed): NaN/inf anywhere, a log-prob above 0
+        nonfinite = _nonfinite(logp) | _nonfinite(adv)
+        positive = logp > POSITIVE_LOGP_TOL_
+        if HAS_OLD:
+            nonfinite = nonfinite | _nonfinite(old)
+            positive = positive | (old > POSITIVE_LOGP_TOL_)
+        if HAS_REF:
+            nonfinite = nonfinite | _nonfinite(ref)
+            positive = positive | (ref > POSITIVE_LOGP_TOL_)
+        if WEIGHTS != 0:
+            if ROW_STAT == 3:  # GMPO takes its weights from the pre-pass: read here for the count only
+                if WEIGHTS == 1:
+                    nonfinite = nonfinite | _nonfinite(tl.zeros_like(d) + row_w)
+                else:
+                    nonfinite = nonfinite | _nonfinite(_load_tokens(w_ptr, row, offs, s_w_b, s_w_t, in_row, valid))
+            else:
+                nonfinite = nonfinite | _nonfinite(w)
+        tl.store(part_ptr + NONFINITE_ * n_chunks_total + pid, tl.sum(tl.where(valid & nonfinite, 1.0, 0.0), axis=0))
+        tl.store(part_ptr + POSITIVE_ * n_chunks_total + pid, tl.sum(tl.where(valid & positive, 1.0, 0.0), axis=0))
 
 
 # partial indices as compile-time constants inside the kernels
@@ -240,6 +267,10 @@ CLIP_DUAL_: tl.constexpr = tl.constexpr(CLIP_DUAL)
 RATIO_: tl.constexpr = tl.constexpr(RATIO)
 KL_: tl.constexpr = tl.constexpr(KL)
 ENTROPY_: tl.constexpr = tl.constexpr(ENTROPY)
+NONFINITE_: tl.constexpr = tl.constexpr(NONFINITE)
+POSITIVE_: tl.constexpr = tl.constexpr(POSITIVE)
+POSITIVE_LOGP_TOL_: tl.constexpr = tl.constexpr(POSITIVE_LOGP_TOL)
+INF_: tl.constexpr = tl.constexpr(float("inf"))
 LOG_OF_FLOOR_: tl.constexpr = tl.constexpr(LOG_OF_FLOOR)
 ROW_LOG_WEIGHT_MAX_: tl.constexpr = tl.constexpr(ROW_LOG_WEIGHT_MAX)
 D_SUM_: tl.constexpr = tl.constexpr(D_SUM)
@@ -284,6 +315,8 @@ def _combine_kernel(
     ratio = tl.zeros((), tl.float32)
     kl = tl.zeros((), tl.float32)
     ent = tl.zeros((), tl.float32)
+    nonfinite = tl.zeros((), tl.float32)
+    positive = tl.zeros((), tl.float32)
     for r0 in range(0, B, BLOCK_R):
         rows = r0 + rows0
         idx = rows[:, None] * C + chunks[None, :]
@@ -300,6 +333,10 @@ def _combine_kernel(
         if HAS_ENTROPY:
             ent += tl.sum(tl.sum(tl.load(part_ptr + ENTROPY_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1),
                           axis=0)
+        nonfinite += tl.sum(tl.sum(tl.load(part_ptr + NONFINITE_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1),
+                            axis=0)
+        positive += tl.sum(tl.sum(tl.load(part_ptr + POSITIVE_ * n_chunks_total + idx, mask=keep, other=0.0), axis=1),
+                           axis=0)
         if AGG == 1:  # seq_mean_token_mean: each row normalised by its own count
             row_mean_sum += tl.sum(_safe_div(row_loss, row_count), axis=0)
             tl.store(row_factor_ptr + rows, _safe_div(1.0, row_count), mask=rows < B)
@@ -333,6 +370,8 @@ def _combine_kernel(
     tl.store(metrics_ptr + 4, _safe_div(kl, count))
     tl.store(metrics_ptr + 5, _safe_div(ent, count))
     tl.store(metrics_ptr + 6, count)  # the valid tokens of the call (metrics["num_tokens"])
+    tl.store(metrics_ptr + 7, nonfinite)  # metrics["nonfinite_inputs"]
+    tl.store(metrics_ptr + 8, positive)  # metrics["positive_logp"]
     tl.store(factor_ptr, factor * dp_size)
 
 
@@ -444,7 +483,8 @@ def per_token_pass(
 
 
 def combine_block_rows(c: int) -> int:
-    """Rows per step of the single-program combine: 1024 partials of each of the 7 sums in flight.
+    """Rows per step of the single-program combine: 1024 partials of each of its 9 sums (10 with
+    the entropy) in flight.
 
     A 4096 tile held 224 loads per thread and needed up to 255 registers on sm_90a (the limit);
     1024 keeps the combine well clear of spilling, and it runs once per call on B*C partials.
@@ -494,7 +534,9 @@ def policy_loss_forward(
     """The fused ``policy_loss`` forward: ``(loss, metrics[N_METRICS], g, factor[1], row_factor[max(B, 1)])``.
 
     Metrics: clip_low, clip_high, clip_dual (the objective's three indicators), ratio mean, KL mean,
-    entropy mean. With ``entropy`` (contiguous fp32 ``[B, T]``, from logits) the loss gains
+    entropy mean, valid tokens, and the counts of valid positions where an input is not finite
+    (``logp``, ``old_logp``, ``ref_logp``, ``adv``, ``token_weights``) or a log-prob is above
+    ``POSITIVE_LOGP_TOL``. With ``entropy`` (contiguous fp32 ``[B, T]``, from logits) the loss gains
     ``- entropy_coef * entropy`` per token, aggregated with the same normaliser.
 
     ``g`` is d loss / d logp before the normaliser (``grad_buffer_dtype``; empty without

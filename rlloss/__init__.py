@@ -8,7 +8,7 @@ Every public function validates its inputs once and dispatches on ``backend``:
 from importlib import metadata as _metadata
 
 from . import distributed, recipes
-from ._validate import EmptyBatchWarning
+from ._validate import EmptyBatchWarning, SuspiciousInputWarning
 from .advantages import (
     gdpo_advantages,
     gpg_advantages,
@@ -69,6 +69,7 @@ __all__ = [
     "Recipe",
     "Reinforce",
     "SAPO",
+    "SuspiciousInputWarning",
     "VESPO",
     "cispo_surrogate",
     "clip_cov_surrogate",

@@ -17,6 +17,10 @@ LOG_FLOOR = 1e-8
 LOG_OF_FLOOR = math.log(LOG_FLOOR)
 # VESPO's row log-weight is clamped to [LOG_OF_FLOOR, ROW_LOG_WEIGHT_MAX]
 ROW_LOG_WEIGHT_MAX = 20.0
+# A log-probability is <= 0. Above this it is counted into policy_loss's metrics["positive_logp"]:
+# fp32 rounding of x - logsumexp(x) leaves a true 0 at most a few ulps of the logsumexp above 0 (about 1e-5
+# at 100), far below; a power of two, so every float dtype holds it exactly and each backend compares the same.
+POSITIVE_LOGP_TOL = 2.0**-10
 # VESPO's lambda floor (lam = 0 would make its weight flat at 1: a floor keeps the shape)
 VESPO_MIN_LAM = 1e-4
 

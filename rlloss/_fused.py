@@ -107,6 +107,8 @@ def _metrics(metrics: torch.Tensor, slots: tuple[str, ...], has_kl: bool) -> dic
     if has_kl:
         out["kl_mean"] = metrics[4]
     out["num_tokens"] = metrics[6]
+    out["nonfinite_inputs"] = metrics[7]
+    out["positive_logp"] = metrics[8]
     return out
 
 

@@ -201,6 +201,17 @@ class EmptyBatchWarning(UserWarning):
     """
 
 
+class SuspiciousInputWarning(UserWarning):
+    """A loss was given values it should not see at valid positions: NaN or inf, or a log-prob above 0.
+
+    They are used as given (a NaN makes the loss NaN) and counted into the metrics
+    (``nonfinite_inputs``, ``positive_logp``); the warning says so where the counts are free to read.
+    Issued through ``warnings``: shown once per call site; silence it with
+    ``warnings.filterwarnings("ignore", category=rlloss.SuspiciousInputWarning)`` or make it an error
+    with ``"error"``.
+    """
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -226,6 +237,27 @@ def warn_if_empty(count: Number | torch.Tensor | None, message: str) -> None:
         count = count.item()
     if count == 0:
         warnings.warn(message, EmptyBatchWarning, stacklevel=_caller_stacklevel())
+
+
+def warn_if_suspicious(nonfinite: torch.Tensor, positive: torch.Tensor, where: str) -> None:
+    """``SuspiciousInputWarning`` when either count (0-d tensors) is not 0, looked at only where that is free.
+
+    As ``warn_if_empty``: counts on the CPU are read, counts on an accelerator are not (a device
+    sync), nor anything while ``torch.compile`` traces (a graph break).
+    """
+    if torch.compiler.is_compiling() or nonfinite.device.type != "cpu":
+        return
+    bad, above = int(nonfinite.item()), int(positive.item())
+    if bad:
+        warnings.warn(f"{where}: {bad} valid position(s) hold NaN or inf in logp, old_logp, ref_logp, adv or "
+                      "token_weights, and are used as given (a NaN makes the loss NaN); fix them upstream or mask "
+                      "them out (metrics['nonfinite_inputs'] counts them)", SuspiciousInputWarning,
+                      stacklevel=_caller_stacklevel())
+    if above:
+        warnings.warn(f"{where}: {above} valid position(s) have a log-prob (logp, old_logp or ref_logp) above 0 "
+                      "(by more than 2**-10), which no log-probability is: logits passed as log-probs, or a broken "
+                      "log-prob computation upstream? They are used as given (metrics['positive_logp'] counts them)",
+                      SuspiciousInputWarning, stacklevel=_caller_stacklevel())
 
 
 def check_scores(name: str, scores: object, *, ndim: int = 1) -> torch.Tensor:

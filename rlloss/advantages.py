@@ -128,8 +128,10 @@ def group_advantages(
 
     Example::
 
-        adv = group_advantages(rewards, group_size=4)   # 8 prompts x 4 responses, contiguous
-        adv = group_advantages(rewards, groups=index)   # verl: index[i] = the prompt of sample i
+        # 8 prompts x 4 responses, contiguous
+        adv = group_advantages(rewards, group_size=4)
+        # verl: index[i] = the prompt of sample i
+        adv = group_advantages(rewards, groups=index)
 
     Raises:
         ValueError: NaN or infinite rewards, ``group_size`` not dividing ``N``, unknown options,

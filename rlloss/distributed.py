@@ -97,11 +97,12 @@ def step_counts(
 
     Example::
 
-        counts = rlloss.distributed.step_counts([mask[s] for s in micro])  # all_reduce once
+        # one all_reduce
+        counts = rlloss.distributed.step_counts([mask[s] for s in micro])
         for s in micro:
             loss, _ = rlloss.policy_loss(logp[s], old_logp[s], adv[s], mask[s],
                                          aggregation="token_mean", **counts.kwargs())
-            loss.backward()   # sum over micro-batches; DDP/FSDP then average over ranks
+            loss.backward()  # sum over micro-batches; DDP/FSDP average over ranks
         optimizer.step()
     """
     if isinstance(masks, torch.Tensor):

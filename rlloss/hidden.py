@@ -160,7 +160,7 @@ def linear_token_logprobs(
 
     ::
 
-        z = (hidden @ weight.T + bias) / temperature          # never materialised by the Triton backend
+        z = (hidden @ weight.T + bias) / temperature  # never built by Triton
         logp[t] = z[t, ids[t]] - logsumexp_v z[t, v]
         entropy[t] = logsumexp_v z[t, v] - sum_v p_v z[t, v],   p = softmax(z[t])
 

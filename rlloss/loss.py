@@ -8,7 +8,16 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import resolve_backend
-from ._validate import check_choice, check_float, check_number, check_same_device, check_same_shape, warn_if_empty
+from ._constants import POSITIVE_LOGP_TOL
+from ._validate import (
+    check_choice,
+    check_float,
+    check_number,
+    check_same_device,
+    check_same_shape,
+    warn_if_empty,
+    warn_if_suspicious,
+)
 from .aggregation import _aggregate, _as_count, _check_aggregation, _safe_div
 from .kl import KL_KINDS, _kl_terms
 from .objectives import GMPO, PPO, Objective, _resolve_objective
@@ -36,6 +45,25 @@ def _masked_metric(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     kept = torch.where(mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
     return _safe_div(kept.sum(), mask.sum().to(dtype))
+
+
+def _suspicious_counts(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, mask: torch.Tensor,
+                       ref_logp: torch.Tensor | None,
+                       token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 counts of the valid positions where an input is NaN or inf, and where a log-prob is above 0.
+
+    Each input is read as given at the position (a row's ``[B]`` value at each of its tokens); "above
+    0" means above ``POSITIVE_LOGP_TOL`` (2^-10), clear of fp32 rounding in a correct log-softmax.
+    """
+    logps = [x.detach() for x in (logp, old_logp, ref_logp) if x is not None]
+    others = [x.detach() for x in (adv, token_weights) if x is not None]
+    nonfinite = torch.zeros_like(mask)
+    positive = torch.zeros_like(mask)
+    for x in logps + others:
+        nonfinite = nonfinite | ~torch.isfinite(x if x.dim() == 2 else x[:, None])
+    for x in logps:
+        positive = positive | (x > POSITIVE_LOGP_TOL)
+    return (nonfinite & mask).sum(dtype=torch.float32), (positive & mask).sum(dtype=torch.float32)
 
 
 def _bias_correction_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, objective: Objective,
@@ -87,6 +115,7 @@ def _policy_loss_torch(
     num_seqs: float | torch.Tensor | None,
     dp_size: int,
 ) -> PolicyLoss:
+    nonfinite, positive = _suspicious_counts(logp, old_logp, adv, mask, ref_logp, token_weights)
     lp, old, a = _prepare_inputs(logp, old_logp, adv, mask)
     zero = torch.zeros_like(lp)
     weights = None
@@ -117,6 +146,7 @@ def _policy_loss_torch(
     if kl_value is not None:
         metrics["kl_mean"] = _masked_metric(kl_value, mask)
     metrics["num_tokens"] = mask.sum(dtype=torch.float32)
+    metrics["nonfinite_inputs"], metrics["positive_logp"] = nonfinite, positive
     return PolicyLoss(total, metrics)
 
 
@@ -246,6 +276,15 @@ def policy_loss(
     ``cov_selected``. And ``num_tokens``: the valid tokens of this call, ``mask.sum()`` (not the
     ``num_tokens`` argument), as fp32 (exact up to 2^24 tokens).
 
+    Inputs a loss should not see are counted, not changed (fp32 counts over the valid positions of
+    this call): ``nonfinite_inputs``, where any of ``logp``, ``old_logp``, ``ref_logp``, ``adv``
+    (per token, or its row's) or ``token_weights`` is NaN or inf (a NaN there makes the loss NaN);
+    ``positive_logp``, where ``logp``, ``old_logp`` or ``ref_logp`` is above ``2**-10`` (a
+    log-probability is ``<= 0``; the margin is far above fp32 rounding, far below a real error, such
+    as logits passed as log-probs). Masked positions are never read. Where the counts are on the
+    host (the reference on CPU tensors, not under ``torch.compile``) a non-zero count also issues an
+    ``rlloss.SuspiciousInputWarning``; the fused kernels count them in the same pass, with no sync.
+
     Empty batches: when nothing is trained on, the loss is 0 with zero gradient and every metric
     0, which looks like a quiet step; so an ``rlloss.EmptyBatchWarning`` is issued (through
     ``warnings``: shown once per call site by Python's default filter) when the count is 0: the
@@ -299,6 +338,7 @@ def policy_loss(
         if reason is not None and backend == "triton":
             raise ValueError(f'backend="triton" does not run {reason}; use backend="auto" (the reference) or "torch"')
     out = _policy_loss_torch(*args)
+    warn_if_suspicious(out.metrics["nonfinite_inputs"], out.metrics["positive_logp"], "policy_loss")
     if num_tokens is None:
         warn_if_empty(out.metrics["num_tokens"], EMPTY_CALL)
     else:

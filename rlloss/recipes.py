@@ -2,7 +2,8 @@
 
 Example::
 
-    adv = rlloss.recipes.DAPO.advantages(rewards, group_size=8)  # or groups=<tensor of group ids>
+    # or groups=<a tensor of group ids>
+    adv = rlloss.recipes.DAPO.advantages(rewards, group_size=8)
     loss, metrics = rlloss.recipes.DAPO.loss(logp, old_logp, adv, mask)
 
 Keyword arguments given to ``loss``/``advantages`` override the preset (e.g. ``max_tokens`` for
@@ -76,40 +77,50 @@ GRPO = Recipe(
     name="GRPO", paper="Shao et al. 2024, DeepSeekMath, arXiv 2402.03300",
     eps_low=0.2, eps_high=0.2, aggregation="seq_mean_token_mean", beta=0.04,
 )
+"""GRPO as published: group-std advantages, clip 0.2, ``seq_mean_token_mean``, k3 KL with ``beta=0.04``."""
 DAPO = Recipe(
     name="DAPO", paper="Yu et al. 2025, DAPO, arXiv 2503.14476",
     eps_low=0.2, eps_high=0.28, aggregation="token_mean", beta=0.0,
     dynamic_sampling=True, overlong_filter=True, overlong_max_len=20480, overlong_cache_len=4096,
 )
+"""DAPO: clip-higher 0.2 / 0.28, ``token_mean``, no KL; dynamic sampling and overlong shaping recorded."""
 DR_GRPO = Recipe(
-    name="Dr. GRPO", paper="Liu et al. 2025, Understanding R1-Zero-Like Training, arXiv 2503.20783",
+    name="Dr. GRPO", paper="Liu et al. 2025, Dr. GRPO (Understanding R1-Zero), arXiv 2503.20783",
     scale="none", eps_low=0.2, eps_high=0.2, aggregation="constant", beta=0.0,
 )
+"""Dr. GRPO: no std in the advantage, ``constant`` aggregation (pass ``max_tokens``, the budget)."""
 GSPO = Recipe(
-    name="GSPO", paper="Zheng et al. 2025, Group Sequence Policy Optimization, arXiv 2507.18071",
+    name="GSPO", paper="Zheng et al. 2025, GSPO, arXiv 2507.18071",
     eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_mean", beta=0.0, level="sequence",
 )
+"""GSPO: one length-normalised ratio per sequence, clip 3e-4 / 4e-4, ``seq_mean_token_mean``."""
 
 LUSPO = Recipe(
-    name="LUSPO", paper="GSPO's sequence ratio with a length-unnormalised sum (TRL loss_type='luspo')",
+    name="LUSPO", paper="GSPO with a length-unnormalised sum (TRL loss_type='luspo')",
     eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_sum", beta=0.0, level="sequence",
 )
+"""LUSPO: GSPO's sequence ratio with the length-unnormalised ``seq_mean_token_sum``."""
 CISPO_RECIPE = Recipe(
-    name="CISPO", paper="MiniMax-M1, arXiv 2506.13585 (weight cap 5.0 from ScaleRL, arXiv 2510.13786)",
+    name="CISPO", paper="MiniMax-M1, arXiv 2506.13585 (cap 5.0: ScaleRL, arXiv 2510.13786)",
     aggregation="token_mean", beta=0.0, objective=CISPO(low=None, high=5.0),
 )
+"""CISPO (MiniMax-M1): ``-sg(min(r, 5)) * A * logp`` (the IS weight capped at 5, detached), ``token_mean``."""
 SAPO_RECIPE = Recipe(
     name="SAPO", paper="Soft Adaptive Policy Optimization, arXiv 2511.20347",
     aggregation="seq_mean_token_mean", beta=0.0, objective=SAPO(tau_pos=1.0, tau_neg=1.05),
 )
+"""SAPO: a smooth sigmoid gate instead of the clip, ``tau_pos=1.0``, ``tau_neg=1.05``."""
 GMPO_RECIPE = Recipe(
     name="GMPO", paper="Geometric-Mean Policy Optimization, arXiv 2507.20673",
     aggregation="seq_mean_token_mean", beta=0.0, objective=GMPO(log_clip_low=0.4, log_clip_high=0.4),
 )
+"""GMPO: the geometric mean of the token ratios per row, log-clip 0.4, ``seq_mean_token_mean``."""
 DPPO_RECIPE = Recipe(
     name="DPPO", paper="DPPO, arXiv 2602.04879",
     aggregation="token_mean", beta=0.0, objective=DPPO(divergence="tv", low=0.2, high=0.2, weight_cap=3.0),
 )
+"""DPPO: a total-variation trust region on the sampled token's probability, ``token_mean``."""
 
 RECIPES = {"grpo": GRPO, "dapo": DAPO, "dr_grpo": DR_GRPO, "gspo": GSPO, "luspo": LUSPO, "cispo": CISPO_RECIPE,
            "sapo": SAPO_RECIPE, "gmpo": GMPO_RECIPE, "dppo": DPPO_RECIPE}
+"""Every preset by its lower-case name (``"dr_grpo"``, ``"cispo"``, ...)."""

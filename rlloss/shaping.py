@@ -71,9 +71,10 @@ def soft_overlong_penalty(
 
     ::
 
-        R(L) = 0                                            if L <= max_len - cache_len
-             = factor * (max_len - cache_len - L) / cache_len  if max_len - cache_len < L <= max_len
-             = -factor                                      if L > max_len
+        R(L) = 0                                   if L <= max_len - cache_len
+             = factor * (max_len - cache_len - L) / cache_len
+                                                   if max_len - cache_len < L <= max_len
+             = -factor                             if L > max_len
 
     From DAPO (Yu et al. 2025, arXiv 2503.14476, eq. 13), whose values are ``max_len=20480``,
     ``cache_len=4096`` (``recipes.DAPO``). Add it to the task reward before computing advantages.

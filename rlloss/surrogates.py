@@ -102,7 +102,7 @@ def clipped_surrogate(
 
         d = clamp(logp - old_logp, -max_log_ratio, max_log_ratio),   r = exp(d)
         l = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
-        dual clip c > 1 (Ye et al. 2020, arXiv 1912.09729): where A < 0, l = min(l, -c * A)
+        dual clip c > 1 (Ye et al. 2020, arXiv 1912.09729): if A < 0, l = min(l, -c*A)
         delta (INTELLECT-2, arXiv 2505.07291): the unclipped branch uses min(r, delta)
 
     * ``eps_high=None`` means ``eps_low`` (GRPO: 0.2/0.2). DAPO's clip-higher (Yu et al. 2025,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
+import pytest
 import torch
 
 from rlloss._dispatch import interpreter_enabled, triton_available
@@ -18,6 +20,27 @@ def triton_runs_here() -> bool:
 
 # Every property test runs on each backend that can run here.
 BACKENDS = ["torch", "triton"] if triton_runs_here() else ["torch"]
+
+
+def under_ci() -> bool:
+    """``CI`` set to anything but empty, 0 or false: what is installed there must be there."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def require_trainer(missing: ImportError | None) -> None:
+    """In a test marked ``trainers``: the trainer its module imports, or a failure under CI (never a
+    skip there: CI installs the trainers), or a skip that says what to install elsewhere.
+
+    The module imports its trainer in a ``try`` and keeps the ``ImportError``, so that it still
+    imports without it and the default run deselects its tests (``-m "not trainers"``).
+    """
+    if missing is None:
+        return
+    message = (f"{missing}: the trainer integrations' tests need TRL and verl at their tested versions "
+               "(.ci/run's second environment installs them; README.md, Set-up)")
+    if under_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_hidden  # noqa: E402
 import bench_loss  # noqa: E402
 import harness  # noqa: E402
+import plot_memory  # noqa: E402
 import plots  # noqa: E402
 import problems  # noqa: E402
 import summary  # noqa: E402
@@ -309,6 +310,22 @@ def test_main_writes_the_record_the_figure_and_the_summary(tmp_path, capsys):
     # TRL's contender from hidden states ran, or its line says how to enable it
     trl = record["hidden"]["measured"]["trl-1.16"]
     assert "ms" in trl or 'pip install -e ".[trl]"' in trl["skipped"], trl
+
+
+def test_the_memory_plot_draws_the_committed_record(tmp_path):
+    # docs/speed-and-memory.md shows it beside the time plot: the record's memory, each recipe as published.
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/bench-cpu.json").read_text())
+    path = tmp_path / "bench-cpu.json"
+    path.write_text(json.dumps(record))
+    assert plot_memory.main([str(path)]) == 0
+    assert (tmp_path / "bench-cpu-memory.png").stat().st_size > 0
+    grid = plot_memory.panels(record["rows"])
+    titles = [title for row in grid for title, _ in row]
+    assert "GRPO +KL fp32" in titles and "DAPO fp32" in titles and not any("DAPO +KL" in t for t in titles)
+    lines = dict(panel for row in grid for panel in row)["GRPO +KL fp32"]
+    expected = sorted((r["tokens"], r["peak_extra_bytes"] / 2**20) for r in record["rows"]
+                      if (r["recipe"], r["kl"], r["dtype"], r["contender"]) == ("GRPO", True, "fp32", "trl-inline"))
+    assert len(expected) == 4 and sorted(lines["trl-inline"]) == expected
 
 
 @pytest.mark.parametrize("recipe", list(bench_loss.RECIPES))

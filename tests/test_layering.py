@@ -1,5 +1,10 @@
 """The import graph points one way: leaves <- ``rlloss.kernels`` <- public modules <- ``rlloss``.
 
+The subpackages that reach outside the library sit on top: ``rlloss.integrations`` (the trainers)
+and ``rlloss.audit`` (the trainers, matplotlib); nothing below them imports them, so ``import rlloss``
+imports neither, nor a trainer, nor matplotlib, and ``import rlloss.audit`` imports a trainer or
+matplotlib only when a front end or a plot is used.
+
 Leaves (``rlloss._constants``, ``rlloss._groups``, ``rlloss._validate``) import nothing of rlloss
 but each other; the kernel modules import torch, triton, each other and the leaves only, at module
 level (no function-local reach back into the public modules); the public modules import the
@@ -24,6 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = {"rlloss._constants", "rlloss._groups", "rlloss._validate"}
+SUBPACKAGES = ("audit", "integrations")  # on top of the library: only they may import a trainer
+OUTSIDE = ("trl", "verl", "transformers", "matplotlib", "datasets", "tensordict", "tokenizers")
 
 
 def _modules() -> dict[str, Path]:
@@ -31,6 +38,10 @@ def _modules() -> dict[str, Path]:
     found["rlloss"] = ROOT / "rlloss" / "__init__.py"
     found.update({f"rlloss.kernels.{p.stem}": p for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__"})
     found["rlloss.kernels"] = ROOT / "kernels" / "__init__.py"
+    for package in SUBPACKAGES:
+        folder = ROOT / "rlloss" / package
+        found.update({f"rlloss.{package}.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"})
+        found[f"rlloss.{package}"] = folder / "__init__.py"
     return found
 
 
@@ -140,3 +151,38 @@ def test_public_modules_define_no_unexported_helper():
         defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
         stray = [d for d in defined if not d.startswith("_") and d not in exported | own]
         assert not stray, f"{name} defines {stray}: export them or give them an underscore"
+
+
+def test_the_library_never_imports_its_top_subpackages():
+    """No module of rlloss outside ``rlloss.audit`` and ``rlloss.integrations`` imports either, even in a function."""
+    for name, path in _modules().items():
+        if any(name == f"rlloss.{p}" or name.startswith(f"rlloss.{p}.") for p in SUBPACKAGES):
+            continue
+        bad = [m for m, _ in _imports(name, path) if any(m == f"rlloss.{p}" or m.startswith(f"rlloss.{p}.")
+                                                        for p in SUBPACKAGES)]
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_audit_imports_trainers_and_matplotlib_only_inside_functions():
+    for name, path in _modules().items():
+        if not name.startswith("rlloss.audit"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad = [n for n in names if n.split(".")[0] in OUTSIDE]
+            assert not bad, f"{name} imports {bad} at module level"
+
+
+def test_import_rlloss_imports_no_subpackage_trainer_or_matplotlib():
+    code = ("import sys, rlloss\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {OUTSIDE!r} "
+            "or m in ('rlloss.audit', 'rlloss.integrations')))\n"
+            "import rlloss.audit\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {OUTSIDE!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    after_rlloss, after_audit = out.stdout.strip().splitlines()[-2:]
+    assert after_rlloss == "[]", f"import rlloss imported {after_rlloss}"
+    assert after_audit == "[]", f"import rlloss.audit imported {after_audit}"

@@ -369,3 +369,165 @@ def test_no_warning_and_no_graph_break_under_torch_compile():
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     caught = _record(lambda: compiled(p.logp, p.old_logp, p.adv, p.mask))
     assert caught == []
+
+
+# =============================================================================================
+# NaN/inf and positive log-probs at valid positions: counted into the metrics, warned about on the CPU
+# =============================================================================================
+
+# objective -> the aggregation it takes (GMPO and the per-row ones: seq_mean_token_mean)
+SUSPECT_OBJECTIVES = {"ppo": "token_mean", "gspo": "seq_mean_token_mean", "cispo": "token_mean",
+                      "vespo": "token_mean", "gmpo": "seq_mean_token_mean"}
+
+
+def _objective(name):
+    return rlloss.PPO(level="sequence") if name == "gspo" else name
+
+
+def _poisoned(adv_kind, weights_dim, seed=5):
+    """A 4x6 problem whose inputs hold NaN, +-inf and positive log-probs at valid and masked positions."""
+    p = make_problem(4, 6, torch.float32, seed=seed, adv_kind=adv_kind)
+    logp, old, ref, adv = (x.detach().clone().cpu() for x in (p.logp, p.old_logp, p.ref_logp, p.adv))
+    for x in (logp, old, ref):
+        x.clamp_(max=-1e-2)  # log-probs, so that only the values put below are suspicious
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[3, 2:] = False
+    logp[0, 1] = float("nan")
+    old[0, 1] = float("inf")  # the same position twice: counted once
+    old[1, 4] = float("-inf")
+    ref[2, 0] = float("nan")
+    logp[1, 0] = 0.5  # positive log-probs
+    old[2, 3] = 3.0
+    ref[0, 5] = 1e-2
+    old[1, 1] = 2.0**-12  # inside the tolerance: rounding, not counted
+    for x in (logp, old, ref):  # masked positions: never read, never counted
+        x[3, 3] = float("nan")
+        x[3, 4] = 7.0
+    if adv.dim() == 2:
+        adv[2, 5] = float("inf")
+        adv[3, 5] = float("nan")
+    else:
+        adv[3] = float("nan")  # row 3's two valid positions
+    weights = None
+    if weights_dim == 1:
+        weights = torch.ones(4)
+        weights[1] = float("inf")  # row 1's six valid positions
+    elif weights_dim == 2:
+        weights = torch.ones(4, 6)
+        weights[2, 2] = float("nan")
+        weights[3, 4] = float("inf")  # masked
+    return logp, old, ref, adv, mask, weights
+
+
+def _expected_counts(logp, old, ref, adv, mask, weights):
+    """The counts, position by position in plain Python."""
+    nonfinite = positive = 0
+    for i in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if not mask[i, t]:
+                continue
+            logps = [float(x[i, t]) for x in (logp, old, ref)]
+            values = logps + [float(adv[i, t] if adv.dim() == 2 else adv[i])]
+            if weights is not None:
+                values.append(float(weights[i, t] if weights.dim() == 2 else weights[i]))
+            nonfinite += any(v != v or v in (float("inf"), float("-inf")) for v in values)
+            positive += any(v > 2.0**-10 for v in logps)
+    return nonfinite, positive
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", list(SUSPECT_OBJECTIVES))
+@pytest.mark.parametrize("adv_kind, weights_dim", [("seq", 0), ("token", 2), ("seq", 1)])
+def test_nonfinite_and_positive_inputs_are_counted_on_every_backend(backend, objective, adv_kind, weights_dim):
+    logp, old, ref, adv, mask, weights = _poisoned(adv_kind, weights_dim)
+    want = _expected_counts(logp, old, ref, adv, mask, weights)
+    assert want[0] >= 4 and want[1] == 4  # the problem holds what the test is about (+inf is both)
+    put = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = rlloss.policy_loss(put(logp), put(old), put(adv), put(mask), objective=_objective(objective),
+                                 ref_logp=put(ref), beta=0.1, token_weights=put(weights),
+                                 aggregation=SUSPECT_OBJECTIVES[objective], backend=backend)
+    for name, count in zip(("nonfinite_inputs", "positive_logp"), want):
+        value = out.metrics[name]
+        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad
+        assert value.item() == count, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clean_inputs_count_zero_and_masked_garbage_is_not_counted(backend):
+    p = make_problem(4, 6, torch.float32, seed=2, mask_kind="empty_rows")
+    old = torch.where(p.mask, p.old_logp.clamp(max=0.0), float("nan"))
+    logp = torch.where(p.mask, p.logp.detach(), 5.0).requires_grad_(True)
+    out = rlloss.policy_loss(logp, old, p.adv, p.mask, backend=backend)
+    assert out.metrics["nonfinite_inputs"].item() == 0.0 and out.metrics["positive_logp"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_logits_counts_what_its_log_probs_carry(backend):
+    """The log-probs computed from the logits are <= 0 (no count); a NaN logit at a valid position is counted."""
+    logits, ids, mask = _logits_and_ids()
+    logits = (logits * 30).detach()  # large logits: the max token's log-prob is 0 up to rounding, never counted
+    logits[1, 2, 4] = float("nan")  # a valid position
+    logits[0, 4, 0] = float("nan")  # a masked one
+    old = torch.full((B, T), -0.5, device=DEVICE)
+    old[2, 3] = 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = rlloss.policy_loss_from_logits(logits, ids, old, torch.ones(B, device=DEVICE), mask, backend=backend)
+    assert out.metrics["nonfinite_inputs"].item() == 1.0
+    assert out.metrics["positive_logp"].item() == 1.0
+
+
+def _suspicious(fn, action="always"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        fn()
+    return [w for w in caught if issubclass(w.category, rlloss.SuspiciousInputWarning)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the warning reads the counts only where they are on the host")
+def test_suspicious_cpu_inputs_warn_once_each_and_name_the_caller():
+    logp, old, ref, adv, mask, _ = _poisoned("seq", 0)
+    caught = _suspicious(lambda: rlloss.policy_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1))
+    assert len(caught) == 2
+    assert "NaN or inf" in str(caught[0].message) and "nonfinite_inputs" in str(caught[0].message)
+    assert "above 0" in str(caught[1].message) and "positive_logp" in str(caught[1].message)
+    assert all(w.filename == __file__ for w in caught)  # the user's line, not rlloss's
+    # through the wrappers too, and once per call site under the default filter
+    def loop():
+        for _ in range(3):
+            recipes.DAPO.loss(logp, old, adv, mask)
+    caught = _suspicious(loop, action="default")
+    assert len(caught) == 2 and all(w.filename == __file__ for w in caught)
+    assert issubclass(rlloss.SuspiciousInputWarning, UserWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=rlloss.SuspiciousInputWarning)
+        rlloss.policy_loss(logp, old, adv, mask)
+
+
+def test_clean_inputs_and_the_fused_path_do_not_warn():
+    logp, old, ref, adv, mask, _ = _poisoned("seq", 0)
+    clean = make_problem(4, 6, torch.float32, seed=2)
+    old_clean = clean.old_logp.clamp(max=0.0)
+    for backend in BACKENDS:
+        assert _suspicious(lambda: rlloss.policy_loss(clean.logp, old_clean, clean.adv, clean.mask,
+                                                      backend=backend)) == []
+    if "triton" in BACKENDS:  # the fused path never reads its counts back (CUDA's syncs, under the interpreter too)
+        args = [x.to(DEVICE) for x in (logp, old, adv, mask)]
+        assert _suspicious(lambda: rlloss.policy_loss(*args, backend="triton")) == []
+
+
+def test_suspicious_inputs_neither_warn_nor_break_the_graph_under_torch_compile():
+    logp, old, ref, adv, mask, _ = _poisoned("seq", 0)
+
+    def step(logp, old, adv, mask, ref):
+        return rlloss.policy_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    caught = _suspicious(lambda: compiled(logp, old, adv, mask, ref))
+    assert caught == []
+    out = compiled(logp, old, adv, mask, ref)
+    assert out.metrics["nonfinite_inputs"].item() == _expected_counts(logp, old, ref, adv, mask, None)[0]

@@ -62,7 +62,7 @@ def test_result_indexing_gives_the_loss():
     p = make_problem(2, 5, torch.float32, seed=1)
     out = rlloss.policy_loss(p.logp, p.old_logp, p.adv, p.mask)
     assert out[0] is out.loss and set(out.metrics) == {"clip_low", "clip_high", "clip_dual", "ratio_mean",
-                                                         "num_tokens"}
+                                                         "num_tokens", "nonfinite_inputs", "positive_logp"}
 
 
 def test_presets_beyond_ppo_hold_their_papers_values():

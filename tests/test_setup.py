@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,56 @@ def test_without_another_kernels_package_the_import_fails_as_if_the_folder_were_
     run = _from_root("import kernels", "-S")  # no site-packages: only the root and the standard library
     assert run.returncode != 0
     assert "ModuleNotFoundError" in run.stderr and "rlloss.kernels" in run.stderr
+
+
+# --- the trainer integrations' tests: deselected by default, never skipped in silence ---------------------------
+
+TRAINERS = ("trl", "verl", "rlloss.integrations.trl", "rlloss.integrations.verl")
+
+
+def _module_level_imports(tree) -> set[str]:
+    """Modules imported at a module's top level (in a ``try`` or ``if`` too; not inside functions or classes)."""
+    import ast
+
+    found, todo = set(), list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, (ast.Try, ast.If, ast.With)):
+            todo += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", []),
+                     *(stmt for handler in getattr(node, "handlers", []) for stmt in handler.body)]
+    return found
+
+
+def _marked_trainers(tree) -> bool:
+    import ast
+
+    return any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)
+               and "trainers" in ast.unparse(node.value) for node in tree.body)
+
+
+def test_every_module_importing_a_trainer_is_marked_trainers():
+    import ast
+
+    modules = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports = _module_level_imports(tree)
+        if any(name == t or name.startswith(t + ".") for name in imports for t in TRAINERS):
+            modules[path.name] = _marked_trainers(tree)
+    assert {"test_integrations_trl.py", "test_integrations_verl.py"} <= set(modules)
+    unmarked = [name for name, marked in modules.items() if not marked]
+    assert not unmarked, f"{unmarked} import a trainer at module level without pytestmark = pytest.mark.trainers"
+
+
+def test_the_default_run_deselects_the_trainer_tests():
+    """Counted as deselected (the README's command says so), not skipped, whether or not the trainers are here."""
+    files = [str(ROOT / "tests" / name) for name in ("test_integrations_trl.py", "test_integrations_verl.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *files],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 5, out  # nothing left to run
+    assert re.search(r"\b\d{2,} deselected", out) and "skipped" not in out and "error" not in out.lower(), out

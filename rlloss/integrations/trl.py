@@ -2,10 +2,13 @@
 
 Change one import::
 
-    from rlloss.integrations.trl import GRPOTrainer   # instead of: from trl import GRPOTrainer
+    # instead of: from trl import GRPOTrainer
+    from rlloss.integrations.trl import GRPOTrainer
 
-    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(loss_type="dapo", ...))
-    trainer = GRPOTrainer(..., objective=rlloss.GMPO())  # or any rlloss objective TRL lacks
+    args = GRPOConfig(loss_type="dapo", ...)
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=args)
+    # or any rlloss objective TRL lacks
+    trainer = GRPOTrainer(..., objective=rlloss.GMPO())
 
 With ``objective=None`` the numbers are TRL's own (value and gradient, every ``loss_type``);
 ``tests/test_integrations_trl.py`` compares both trainers on the same model and batch.
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 
 import rlloss
+from rlloss.objectives import NAMED, _resolve_objective
+from rlloss.recipes import RECIPES
 
 from . import missing_trainer
 
@@ -32,16 +37,96 @@ except ImportError as exc:  # pragma: no cover - exercised in an environment wit
     raise missing_trainer("trl", exc) from exc
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+"""The TRL ``loss_type`` values this trainer computes with rlloss."""
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-TRL_EPS = 1e-4  # TRL's reward-std epsilon (grpo_trainer: std + 1e-4)
-# The multimodal inputs TRL forwards to the model; rlloss passes them on untouched.
+"""The ``loss_type`` values whose surrogate is PPO's clip (the others name their own objective)."""
+TRL_EPS = 1e-4
+"""TRL's reward-std epsilon (its trainer divides by ``std + 1e-4``)."""
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+"""The multimodal inputs TRL forwards to the model; rlloss passes them on untouched."""
 BACKENDS = ("auto", "torch", "triton")
-# Config fields by which a model's logits differ from `hidden @ lm_head.weight.T + bias` (a soft cap, a scale):
-# linear_token_logprobs computes only that plain product, so such a model cannot take the hidden-states path.
+"""The values of ``backend=``, as every rlloss function takes them."""
+COUNT_METRICS = ("num_tokens", "nonfinite_inputs", "positive_logp")
+"""``policy_loss``'s metrics that are counts over the call's tokens: logged summed over processes (the
+others are means)."""
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
+"""Config fields by which a model's logits differ from ``hidden @ lm_head.weight.T + bias``.
+
+A soft cap or a scale: ``linear_token_logprobs`` computes only that plain product, so such a model
+cannot take the hidden-states path.
+"""
+
+
+RECIPE_LOSS_TYPES = {"GRPO": "grpo", "DAPO": "dapo", "Dr. GRPO": "dr_grpo", "GSPO": "grpo", "LUSPO": "luspo",
+                     "CISPO": "cispo", "SAPO": "sapo"}
+"""TRL's ``loss_type`` for a recipe of ``rlloss.recipes``, by the recipe's name (GSPO is TRL's grpo at
+sequence level)."""
+AGGREGATION_LOSS_TYPES = {"seq_mean_token_mean": "grpo", "token_mean": "dapo", "constant": "dr_grpo",
+                          "seq_mean_token_sum": "luspo"}
+"""The ``loss_type`` of a recipe whose objective TRL lacks (GMPO, DPPO), by its aggregation."""
+NO_LIGER = "use_liger_kernel=True without liger-kernel"
+"""The start of the warning of ``use_liger_kernel=True`` without liger-kernel: a filter on it silences it."""
+
+
+def recipe_config(recipe: rlloss.Recipe) -> str:
+    """How to run ``recipe`` with this trainer: the ``GRPOConfig`` arguments (and ``objective=`` where TRL lacks it)."""
+    objective = recipe.objective
+    if recipe.name in RECIPE_LOSS_TYPES:
+        args = [f"loss_type={RECIPE_LOSS_TYPES[recipe.name]!r}"]
+        if isinstance(objective, rlloss.CISPO) and objective.low is None and objective.high is not None:
+            args.append(f"epsilon_high={objective.high!r}")  # TRL's CISPO caps the weight at epsilon_high
+            objective = None
+        elif isinstance(objective, rlloss.SAPO):
+            args += [f"sapo_temperature_pos={objective.tau_pos!r}", f"sapo_temperature_neg={objective.tau_neg!r}"]
+            objective = None
+        elif objective is None:
+            args.append(f"epsilon={recipe.eps_low!r}")
+            if recipe.eps_high is not None and recipe.eps_high != recipe.eps_low:
+                args.append(f"epsilon_high={recipe.eps_high!r}")
+            if recipe.level == "sequence":
+                args.append("importance_sampling_level='sequence'")
+    else:
+        args = [f"loss_type={AGGREGATION_LOSS_TYPES.get(recipe.aggregation, 'grpo')!r}"]
+    if recipe.beta:
+        args.append(f"beta={recipe.beta!r}")
+    if recipe.scale != "group":
+        args.append(f"scale_rewards={recipe.scale!r}")
+    config = f"GRPOConfig({', '.join(args)})"
+    return config if objective is None else f"{config} with objective=rlloss.{objective!r}"
+
+
+def check_objective(objective: object) -> None:
+    """``GRPOTrainer``'s ``objective``: None, an rlloss objective or its name; a recipe is TRL's ``loss_type``.
+
+    A recipe (``rlloss.DAPO``, ``"dapo"``, ``"dr_grpo"``, ...) or another TRL loss type's name is a
+    ``ValueError`` that names the ``GRPOConfig(loss_type=...)`` which runs it; any other name, the
+    objectives there are. Checked when the trainer is built, not at its first step. ``"cispo"``,
+    ``"sapo"``, ``"vespo"`` and ``"gmpo"`` name rlloss objectives (with their defaults) as well.
+    """
+    if objective is None or isinstance(objective, rlloss.Objective):
+        return
+    if isinstance(objective, str) and objective in NAMED:
+        return
+    swap = ("objective= swaps the per-token objective inside TRL's loss_type and keeps its normaliser: an rlloss "
+            "objective or its name (e.g. objective=rlloss.GMPO() with loss_type='grpo')")
+    if isinstance(objective, rlloss.Recipe) or isinstance(objective, str) and objective in RECIPES:
+        recipe = RECIPES[objective] if isinstance(objective, str) else objective
+        given = repr(objective) if isinstance(objective, str) else f"<recipe {recipe.name}>"
+        raise ValueError(f"objective={given} is a recipe, not an objective: with TRL a recipe is its loss_type, "
+                         f"{recipe.name} is {recipe_config(recipe)} (TRL's loss types, each run by rlloss: "
+                         f"{', '.join(LOSS_TYPES)}); {swap}")
+    if isinstance(objective, str) and objective in LOSS_TYPES:
+        raise ValueError(f"objective={objective!r} is TRL's loss_type {objective!r}, not an objective: use "
+                         f"GRPOConfig(loss_type={objective!r}) with objective=None; {swap}")
+    if not isinstance(objective, str):
+        raise TypeError(f"objective must be None, an rlloss objective or its name, got {objective!r}; {swap}")
+    try:
+        _resolve_objective(objective)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {swap}; recipes are TRL loss types, GRPOConfig(loss_type=...) "
+                         f"({', '.join(LOSS_TYPES)})") from None
 
 
 def loss_type_objective(trainer: Any) -> rlloss.Objective:
@@ -136,6 +221,8 @@ class GRPOTrainer(trl.GRPOTrainer):
       ``rlloss.KLCov()``, ``rlloss.DRO(beta=0.1)``) replaces the surrogate and keeps the
       normaliser that ``loss_type`` implies (``loss_type_normalizer``), TRL's KL, masks and IS
       ratio. GMPO is per sequence: use it with ``loss_type="grpo"`` or ``"sapo"``.
+      A recipe is not an objective: ``objective=rlloss.DAPO`` or ``"dapo"`` (DAPO, Dr. GRPO, GRPO, ...)
+      is a ``ValueError`` naming its ``GRPOConfig(loss_type=...)`` (``check_objective``).
     * ``backend``: rlloss's ``"auto" | "torch" | "triton"``.
 
     The log-probs are TRL's (``_get_per_token_logps_and_entropies``, its fused LM head that never
@@ -149,7 +236,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     log-probs stay TRL's, computed without gradient by its fused head. TRL 1.16 deprecates
     ``use_liger_kernel`` (its FutureWarning stays) and with it applies only Liger's layer kernels
     (RMSNorm, RoPE, SwiGLU) at ``train()``: here too when liger-kernel is installed; without it they
-    are skipped with a warning (on a copy of ``args``), never an ImportError. Not supported with it:
+    are skipped with a warning (on a copy of ``args``), never an ImportError; the warning's message
+    starts with ``NO_LIGER``, which ``warnings.filterwarnings("ignore", message=NO_LIGER)``
+    silences. Not supported with it:
     models whose logits are soft-capped or scaled (``final_logit_softcapping``, ``logit_scale``, ...),
     DeepSpeed ZeRO-3, multimodal inputs. TRL's features around the loss go through rlloss's helpers:
     ``top_entropy_quantile`` (``rlloss.distributed.top_entropy_mask``), ``off_policy_mask_threshold``
@@ -172,8 +261,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                  **kwargs: Any) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if objective is not None and not isinstance(objective, (str, rlloss.Objective)):
-            raise TypeError(f"objective must be None, an rlloss objective or its name, got {objective!r}")
+        check_objective(objective)
         # not self.objective: transformers' Trainer uses that name for hyperparameter search
         self.rlloss_objective = objective
         self.rlloss_backend = backend
@@ -185,9 +273,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.rlloss_from_hidden and not is_liger_kernel_available():
             # transformers' train() would raise ImportError applying Liger's layer kernels: skip them instead,
             # on a copy of the config (the caller's object is left as it was)
-            warnings.warn("liger-kernel is not installed: rlloss computes the loss from the hidden states without "
-                          "Liger's layer kernels (RMSNorm, RoPE, SwiGLU); pip install liger-kernel to add them",
-                          stacklevel=2)
+            warnings.warn(f"{NO_LIGER}: the flag makes rlloss compute the loss from the hidden states and lm_head "
+                          "(rlloss.linear_token_logprobs then policy_loss, as policy_loss_from_hidden; no logits), "
+                          "without Liger's layer kernels (pip install liger-kernel adds them); silence this with "
+                          f"warnings.filterwarnings('ignore', message={NO_LIGER!r})", stacklevel=2)
             self.args = copy.copy(self.args)
             self.args.use_liger_kernel = False
 
@@ -404,8 +493,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         metrics["entropy"].append(self._global_mean(torch.where(valid, entropies, 0.0).sum(), tokens))
         if self.rlloss_objective is not None:
             for name, value in sorted(result.metrics.items()):
-                if name == "num_tokens":  # a count, summed over processes, not a per-token mean
-                    metrics["rlloss/num_tokens"].append(self.accelerator.reduce(value.float(), reduction="sum").item())
+                if name in COUNT_METRICS:  # counts, summed over processes, not per-token means
+                    metrics[f"rlloss/{name}"].append(self.accelerator.reduce(value.float(), reduction="sum").item())
                 elif name != "kl_mean":
                     metrics[f"rlloss/{name}"].append(self._global_mean(value * tokens, tokens))
             return

@@ -12,10 +12,10 @@ Importing this module registers, through ``verl.trainer.ppo.core_algos.register_
   ``rlloss_reinforce_plus_plus_baseline``, ``rlloss_remax`` (``ESTIMATORS``).
 
 verl imports it in every process by itself: rlloss declares it as the ``verl.plugins`` entry point
-``rlloss`` (``pip install "rlloss[verl]"``, then ``import verl`` loads it); without the installed
+``rlloss`` (installing rlloss declares it; then ``import verl`` loads it); without the installed
 entry point set ``VERL_USE_EXTERNAL_MODULES=rlloss.integrations.verl``. Switching a run is one line::
 
-    actor_rollout_ref.actor.policy_loss.loss_mode=rlloss_ppo      # or rlloss_cispo, rlloss_gmpo, ...
+    actor_rollout_ref.actor.policy_loss.loss_mode=rlloss_ppo  # rlloss_cispo, ...
     algorithm.adv_estimator=rlloss_grpo
 
 Registration is idempotent: importing the module again (a reload, a second worker import) keeps
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import rlloss
+from rlloss._constants import MAX_LOG_RATIO  # policy_loss's clamp of logp - old_logp, verl's too
 
 from . import missing_trainer
 
@@ -39,7 +40,9 @@ except ImportError as exc:  # pragma: no cover - exercised in an environment wit
     raise missing_trainer("verl", exc) from exc
 
 PREFIX = "rlloss_"
-VERL_EPS = 1e-6  # verl's epsilon for the group std
+"""The prefix of every name rlloss registers with verl (``rlloss_ppo``, ``rlloss_grpo``, ...)."""
+VERL_EPS = 1e-6
+"""verl's epsilon for the group std."""
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -108,7 +111,6 @@ def _dro(config: Any) -> rlloss.Objective:
     return rlloss.DRO(beta=beta)
 
 
-# name -> (objective from verl's actor config, the verl loss it reproduces, aggregation forced or None)
 POLICY_LOSSES: dict[str, tuple[Callable[[Any], rlloss.Objective], str | None, str | None]] = {
     "ppo": (_ppo, "vanilla", None),
     "gspo": (_gspo, "gspo", None),
@@ -123,6 +125,8 @@ POLICY_LOSSES: dict[str, tuple[Callable[[Any], rlloss.Objective], str | None, st
     "dro": (_dro, "dro", None),
     "vespo": (lambda config: rlloss.VESPO(), None, None),
 }
+"""The policy losses: name -> (its objective from verl's actor config, the verl loss it reproduces, the
+aggregation it forces or None)."""
 
 
 def verl_normalizer(loss_agg_mode: str, mask: torch.Tensor, global_batch_info: dict | None) -> dict[str, Any]:
@@ -161,14 +165,48 @@ def verl_normalizer(loss_agg_mode: str, mask: torch.Tensor, global_batch_info: d
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
+def clip_fractions(objective: rlloss.Objective, metrics: dict[str, torch.Tensor], log_prob: torch.Tensor,
+                   old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """verl's ``pg_clipfrac`` (and ``pg_clipfrac_lower`` where verl's own loss logs one) for an objective that clips.
+
+    Fractions of the valid tokens, as verl's loss of the same objective logs them: PPO (``vanilla``,
+    ``gspo``): the clip binds (``clip_low + clip_high``), lower: the dual clip binds (0 without one,
+    as verl's ``gspo``); CISPO: the weight is outside ``[low, high]`` (lower 0, as verl); DPPO: the
+    token is outside the trust region, lower: its weight is capped at ``weight_cap`` inside it;
+    GMPO (``geo_mean``): the log-ratio is outside ``[-log_clip_low, log_clip_high]`` with ``A > 0``,
+    lower: with ``A < 0``; Clip-Cov: the tokens whose gradient is cut (``cov_selected``). The other
+    objectives clip nothing: none.
+    """
+    def fraction(flag: torch.Tensor) -> torch.Tensor:
+        return (flag & mask).sum(dtype=torch.float32) / mask.sum().clamp(min=1)
+
+    zero = torch.zeros((), device=mask.device)
+    if isinstance(objective, rlloss.PPO):
+        return {"pg_clipfrac": metrics["clip_low"] + metrics["clip_high"], "pg_clipfrac_lower": metrics["clip_dual"]}
+    if isinstance(objective, rlloss.CISPO):
+        return {"pg_clipfrac": metrics["clip_low"] + metrics["clip_high"], "pg_clipfrac_lower": zero}
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(mask)
+    d = torch.clamp(log_prob - old_log_prob, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if isinstance(objective, rlloss.DPPO):
+        inside = objective.inside(log_prob, old_log_prob, adv)
+        return {"pg_clipfrac": metrics["outside_region"],
+                "pg_clipfrac_lower": fraction(inside & (torch.exp(d) > objective.weight_cap))}
+    if isinstance(objective, rlloss.GMPO):
+        clipped = (d < -objective.log_clip_low) | (d > objective.log_clip_high)
+        return {"pg_clipfrac": fraction(clipped & (adv > 0)), "pg_clipfrac_lower": fraction(clipped & (adv < 0))}
+    if isinstance(objective, rlloss.ClipCov):
+        return {"pg_clipfrac": metrics["cov_selected"]}
+    return {}
+
+
 def make_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
     """The verl policy-loss function ``rlloss_<name>``: ``rlloss.policy_loss`` with ``beta=0``.
 
     verl's ``ppo_loss`` adds the KL (``kl_loss_coef``) and entropy (``entropy_coeff``) terms
     itself, so rlloss computes the surrogate only. ``rollout_is_weights`` become
     ``token_weights``. Metrics: ``actor/ppo_kl`` (masked mean of ``old_logp - logp``), verl's
-    ``actor/pg_clipfrac`` and ``actor/pg_clipfrac_lower`` for the PPO losses, and every rlloss
-    metric as ``actor/rlloss/<metric>``.
+    ``actor/pg_clipfrac`` (and ``actor/pg_clipfrac_lower``) for every objective that clips
+    (``clip_fractions``), and every rlloss metric as ``actor/rlloss/<metric>``.
     """
     build, _, forced_mode = POLICY_LOSSES[name]
 
@@ -193,9 +231,8 @@ def make_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, f
         metrics = {f"actor/rlloss/{key}": value.item() for key, value in result.metrics.items()}
         log_ratio = torch.where(mask, (old_log_prob - log_prob).detach(), 0.0)
         metrics["actor/ppo_kl"] = (log_ratio.sum() / mask.sum().clamp(min=1)).item()
-        if "clip_low" in result.metrics and isinstance(objective, rlloss.PPO):
-            metrics["actor/pg_clipfrac"] = (result.metrics["clip_low"] + result.metrics["clip_high"]).item()
-            metrics["actor/pg_clipfrac_lower"] = result.metrics["clip_dual"].item()
+        fractions = clip_fractions(objective, result.metrics, log_prob.detach(), old_log_prob, advantages, mask)
+        metrics.update({f"actor/{key}": value.item() for key, value in fractions.items()})
         return result.loss, metrics
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"{PREFIX}{name}"
@@ -264,7 +301,6 @@ def _remax(token_level_rewards, response_mask, reward_baselines=None, config=Non
     return adv.to(token_level_rewards.dtype), returns.to(token_level_rewards.dtype)
 
 
-# name -> (estimator, the verl estimator it reproduces)
 ESTIMATORS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], str]] = {
     "grpo": (_grouped("group"), "grpo"),
     "dr_grpo": (_grouped("none"), "grpo"),  # verl: grpo with norm_adv_by_std_in_grpo=False
@@ -275,6 +311,7 @@ ESTIMATORS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], st
     "reinforce_plus_plus_baseline": (_reinforce_pp_baseline, "reinforce_plus_plus_baseline"),
     "remax": (_remax, "remax"),
 }
+"""The advantage estimators: name -> (the estimator, the verl estimator it reproduces)."""
 
 
 def register() -> None:
