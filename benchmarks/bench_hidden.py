@@ -45,14 +45,13 @@ Figures and their kinds:
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import rlloss
-from harness import CudaClock, Meter, Part, Run, environment
+from harness import CudaClock, Meter, Part, Run, environment, skip_reason, timed
 
 V_MODEL, H_MODEL = 151936, 3584
 N_MODEL = (16384, 65536)
@@ -186,17 +185,17 @@ def measure(names: tuple[str, ...], size: tuple[int, int, int], reps: int, meter
             fn = build(name)
             step(fn, *inputs)  # warm-up (and the import, for trl; the kernels' compilation on CUDA)
         except Exception as exc:  # trl missing or broken here, or out of memory: reported, not hidden
-            out[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:200]}
+            out[name] = {"skipped": skip_reason(exc)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # what a failed contender cached is not the next one's to pay
             continue
-        times = [meter.clock.time(lambda: step(fn, *inputs)) for _ in range(reps)]
+        t = timed(meter.clock, lambda: step(fn, *inputs), reps)
         leaves = (inputs[0].clone().requires_grad_(True), inputs[1].clone().requires_grad_(True))
         peak = meter.peak(lambda: step(fn, *inputs, leaves=leaves))
         n, v, h = size
         extra = peak - BF16 * (n * h + v * h) - 2 * 4 * n  # beyond the gradients and the two outputs
         fixed, elements = _fixed_and_elements(name, n, v, h)
-        out[name] = {"ms": statistics.median(times), "peak_extra_bytes": extra,
+        out[name] = {"ms": t.median, "spread": t.as_dict(), "peak_extra_bytes": extra,
                      "bytes_per_logit": (extra - fixed) / elements}
     return out
 
@@ -387,7 +386,7 @@ def report(quick: bool = False, reps: int = 3, meter: Meter | None = None) -> di
     small = designs(*size)
     gib = 2.0**30
     kind = "measured CUDA (CUDA events)" if on_gpu else "measured CPU"
-    print(f"\nfrom hidden states (bf16 hidden and LM head, log-prob and entropy gradients; -logp: log-prob only), "
+    print(f"\nfrom hidden states (bf16 hidden and LM head; log-prob and entropy gradients, the loss path its loss's), "
           f"N={size[0]} V={size[1]} H={size[2]}: {kind}, median of {reps}")
     print(f"{'contender':17} {'fwd+bwd ms':>11} {'peak extra MiB':>15} {'B per logit':>12}")
     for name in CONTENDERS:

@@ -1,12 +1,15 @@
 """The from-logits problem: the policy loss computed from ``[B, T, V]`` logits, forward and backward.
 
-Contenders: ``eager`` (``policy_loss_from_logits(backend="torch")``: log_softmax, gather, the
-loss), ``compile`` (the same reference under ``torch.compile``), ``rlloss-triton`` (the fused
-vocabulary-streaming kernels; CUDA only) and ``liger-triton`` (Liger-Kernel's
-``triton_grpo_loss``; CUDA only, when ``liger_kernel`` imports). On the CPU only the smallest
-size runs (4096 tokens, V=32768: 256 MiB of bf16 logits). The counted section counts launches and
-bytes at a small size, where the interpreter is quick, and the modelled H100 time scales those
-bytes to the GPU sizes in proportion to tokens x vocabulary (the logits dominate every term).
+Contenders (``CONTENDERS``): ``rlloss-torch`` (``policy_loss_from_logits(backend="torch")``:
+log_softmax, gather, the loss), ``rlloss-compile`` (the same reference under ``torch.compile``),
+``rlloss-triton`` (the fused vocabulary-streaming kernels; CUDA only) and ``liger-triton``
+(Liger-Kernel's ``triton_grpo_loss``, the peer; CUDA only, when ``liger_kernel`` imports). Timed as
+the policy loss is (``harness.measure_together``: forward and backward of the same step, the
+contenders taking turns; medians and quartiles). On the CPU only the smallest size runs (4096
+tokens, V=32768: 256 MiB of bf16 logits; 2048 tokens without ``--full``). The counted section counts
+launches and bytes at a small size, where the interpreter is quick, and the modelled H100 time
+scales those bytes to the GPU sizes in proportion to tokens x vocabulary (the logits dominate every
+term).
 """
 
 from __future__ import annotations
@@ -20,24 +23,27 @@ import harness
 import problems
 import rlloss
 from harness import Column, Part, Run
+from spread import Ratio, Spread
 from roofline import HBM_BYTES_PER_S, LAUNCH_US
 from traffic import count_torch_ops, count_triton, interpreter_active
 
-CPU_SIZES = ((4096, 32768),)
+CPU_SIZES = ((4096, 32768),)  # --full
+CPU_DEFAULT_SIZES = ((2048, 32768),)  # a step of the eager reference takes seconds on the CPU: half of it
 GPU_SIZES = tuple((n, v) for v in (32768, 151936) for n in (4096, 16384, 65536))
 QUICK_SIZES = ((256, 4096),)
 COUNT_SIZE = (2, 128, 4096)  # B, T, V for the counted section
 LOSS_OPTIONS = {"eps_low": 0.2, "eps_high": 0.28, "aggregation": "token_mean"}  # DAPO
+CONTENDERS = ("rlloss-torch", "rlloss-compile", "rlloss-triton", "liger-triton")
 
 
 def build(name: str, inputs: dict[str, torch.Tensor], *, compile: bool = True) -> harness.LossFn:
     """The loss of contender ``name`` as a function of the logits; ``compile=False`` runs the
     compile contender's computation uncompiled."""
     args = (inputs["ids"], inputs["old_logp"], inputs["adv"], inputs["mask"])
-    if name in ("eager", "rlloss-triton"):
-        backend = "torch" if name == "eager" else "triton"
+    if name in ("rlloss-torch", "rlloss-triton"):
+        backend = name.removeprefix("rlloss-")
         return lambda logits: rlloss.policy_loss_from_logits(logits, *args, backend=backend, **LOSS_OPTIONS).loss
-    if name == "compile":
+    if name == "rlloss-compile":
         reference = problems.logits_reference(LOSS_OPTIONS)
         step = torch.compile(reference, fullgraph=True) if compile else reference
         return lambda logits: step(logits, *args)
@@ -71,7 +77,7 @@ def liger_loss(inputs: dict[str, torch.Tensor]) -> harness.LossFn:
 
 def contenders(on_gpu: bool, with_compile: bool, skipped: list[str] | None = None) -> list[str]:
     """The contenders this machine runs; what it cannot run is printed and added to ``skipped``."""
-    names = ["eager"] + (["compile"] if with_compile else [])
+    names = ["rlloss-torch"] + (["rlloss-compile"] if with_compile else [])
     left = why = None
     if on_gpu:
         names.append("rlloss-triton")
@@ -80,7 +86,8 @@ def contenders(on_gpu: bool, with_compile: bool, skipped: list[str] | None = Non
 
             names.append("liger-triton")
         except ImportError:
-            left, why = "liger-triton", "liger_kernel is not installed"
+            left = "liger-triton"
+            why = f"liger_kernel is not installed; to run it: {harness.install_hint('liger_kernel')}"
     else:
         left, why = "rlloss-triton and liger-triton", "no CUDA device"
     if left:
@@ -95,7 +102,8 @@ class LogitsRow:
     tokens: int
     vocab: int
     contender: str
-    ms: dict[str, float]
+    ms: dict[str, float]  # medians per phase
+    spread: dict[str, dict[str, float]]  # per phase: Spread.as_dict()
     peak_extra_bytes: int
 
 
@@ -104,18 +112,23 @@ def sweep(names: list[str], sizes: tuple[tuple[int, int], ...], device: torch.de
     bench = harness.Bench(inputs=lambda size: problems.logits_inputs(*size, device),
                           build=lambda name, _, inputs: build(name, inputs), leaf="logits",
                           describe=lambda size: f"from logits {size[0]}x{size[1]}")
-    return [LogitsRow(tokens, vocab, name, ms, peak)
-            for (tokens, vocab), name, ms, peak in harness.sweep(bench, sizes, names, meter, progress)]
+    return [LogitsRow(tokens, vocab, name, {p: s.median for p, s in spreads.items()},
+                      {p: s.as_dict() for p, s in spreads.items()}, peak)
+            for (tokens, vocab), name, spreads, peak in harness.sweep(bench, sizes, names, meter, progress)]
 
 
 def table(rows: list[LogitsRow]) -> str:
-    base = {(r.tokens, r.vocab): r.ms["fwd+bwd"] for r in rows if r.contender == "eager"}
+    """One line per size and contender; ``x torch``: rlloss-torch's total time over this one's, with
+    the range of their quartiles (``spread.Ratio``)."""
+    total = lambda r: Spread.from_dict(r.spread["fwd+bwd"])  # noqa: E731
+    base = {(r.tokens, r.vocab): total(r) for r in rows if r.contender == "rlloss-torch"}
     columns = [Column("tokens", ">8"), Column("V", ">8"), Column("contender", ">15"), Column("fwd ms", ">10.1f"),
-               Column("bwd ms", ">10.1f"), Column("f+b ms", ">10.1f"), Column("x eager", ">9.2f"),
-               Column("peak MiB", ">10.1f")]
+               Column("bwd ms", ">10.1f"), Column("total ms", ">10.1f"), Column("IQR %", ">7.0f"),
+               Column("x torch [range]", ">22"), Column("peak MiB", ">10.1f")]
     return harness.fixed_table(columns, [
-        (r.tokens, r.vocab, r.contender, r.ms["fwd"], r.ms["bwd"], r.ms["fwd+bwd"],
-         base[(r.tokens, r.vocab)] / r.ms["fwd+bwd"], r.peak_extra_bytes / 2**20) for r in rows])
+        (r.tokens, r.vocab, r.contender, r.ms["fwd"], r.ms["bwd"], r.ms["fwd+bwd"], 100 * total(r).rel_iqr,
+         "(the base)" if r.contender == "rlloss-torch" else str(Ratio.of(base[(r.tokens, r.vocab)], total(r))),
+         r.peak_extra_bytes / 2**20) for r in rows])
 
 
 def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str, Any]:
@@ -127,7 +140,7 @@ def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str,
     small = sum(x.numel() * x.element_size() for k, x in inputs.items() if k != "logits")
     minimum = 2 * logits.numel() * logits.element_size() + small
     out: dict[str, Any] = {"size": [b, t, v], "minimum_bytes": minimum, "rows": []}
-    for name in ("eager", "rlloss-triton"):
+    for name in ("rlloss-torch", "rlloss-triton"):
         if name == "rlloss-triton" and not interpreter_active():
             continue
         fn = build(name, inputs)
@@ -161,10 +174,14 @@ def counted_and_modelled(target: tuple[int, int] = (65536, 151936)) -> dict[str,
 def time_and_count(run: Run) -> dict[str, Any]:
     """``bench_loss.py``'s part: the timed from-logits table, then the counted and modelled section."""
     names = contenders(run.on_gpu, with_compile=run.compile, skipped=run.skipped)
-    sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES
+    sizes = QUICK_SIZES if run.quick else GPU_SIZES if run.on_gpu else CPU_SIZES if run.full else CPU_DEFAULT_SIZES
+    if sizes == CPU_DEFAULT_SIZES:
+        run.skip(f"from logits at {CPU_SIZES[0][0]} tokens x V={CPU_SIZES[0][1]}: timed at {sizes[0][0]} tokens "
+                 "instead (--full times it)")
     meter = run.meter.with_reps(run.meter.reps if run.on_gpu else min(run.meter.reps, 3), warmup=1)
     rows = sweep(names, sizes, run.device, meter)
-    print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {meter.reps} runs after 1 warm-up; {meter.clock.label}")
+    print(f"\nfrom logits (bf16 logits, DAPO loss), medians of {meter.reps} steps after 1 warm-up, each timed as its "
+          f"forward and its backward (total = their sum); {meter.clock.label}")
     print(table(rows))
     record: dict[str, Any] = {"logits_rows": [dataclasses.asdict(r) for r in rows]}
     if run.model:

@@ -1,15 +1,27 @@
 """What every benchmark script shares: clocks, memory meters, measure, sweep, tables, the JSON record.
 
-A leaf: torch and the standard library only, so any script (and the tests) can import it without
-pulling in another script. The scripts over it say what they measure; this module says how:
+Over the leaves only: torch, the standard library and ``spread.py``, so any script (and the tests)
+can import it without pulling in another script. The scripts over it say what they measure; this
+module says how:
 
-* ``CpuClock`` times a region with ``time.perf_counter``; ``CudaClock`` with CUDA events.
+* ``CpuClock`` times a region with ``time.perf_counter``; ``CudaClock`` with CUDA events. ``split``
+  times two regions back to back (a forward, then the backward of its output) from one start.
 * ``cpu_peak_bytes`` is the peak of allocations minus frees from the profiler's memory events;
   ``cuda_peak_bytes`` reads ``torch.cuda.max_memory_allocated``.
-* ``measure`` takes median forward, backward and forward+backward times and one step's peak.
+* ``measure_together`` times ``reps`` training steps of each contender of a case, the contenders
+  taking turns step by step, each step split into its forward and its backward, and takes one
+  step's peak memory; ``measure`` does it for one. A step's total is its forward plus its
+  backward, so in every run the total is at least each part, and so are the medians and quartiles
+  taken over the runs. (Timed in separate calls, as before, each phase's samples came from other
+  moments than the total's, and a stall that hit one call and not the other could leave a forward
+  above its total: fwd 14.8 ms, bwd 0.57, f+b 1.26 on a loaded 2-core machine; ``bench_loss.py``
+  says where the stalls came from.) Python's garbage collector is paused while a region is timed,
+  as ``timeit`` does.
+* ``timed`` times one callable ``reps`` times the same way: the spread of a single figure.
 * ``sweep`` measures every contender on every case of a ``Bench`` (how a script turns a case into
   inputs and a contender's name into a loss), the inputs built once per case.
-* ``fixed_table`` and ``aligned_table`` print, ``plot_grid`` draws; ``environment`` and ``write_json`` record.
+* ``fixed_table`` and ``aligned_table`` print; ``environment`` and ``write_json`` record;
+  ``skip_reason`` says why a contender could not run and how to install what it lacks.
 * ``Part`` is one section of ``bench_loss.py``'s report, handed the ``Run`` (device, meter, flags,
   what was skipped): a module adds its section with one entry in ``bench_loss.PARTS``.
 """
@@ -19,20 +31,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 
-PHASES = ("fwd", "bwd", "fwd+bwd")
+from spread import Spread
+
+PHASES = ("fwd", "bwd", "fwd+bwd")  # "fwd+bwd" is the step's total: its forward plus its backward
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # the differentiated input (a leaf) -> scalar loss
 Peak = Callable[[Callable[[], Any]], int]
 Case = TypeVar("Case")
@@ -41,7 +55,7 @@ Case = TypeVar("Case")
 # --- clocks and memory meters ------------------------------------------------------------------
 
 class CpuClock:
-    """Wall time of a region, in ms."""
+    """Wall time of a region, in ms (CPU ops run synchronously: the region's end is its work's end)."""
 
     label = "measured on CPU (time.perf_counter)"
 
@@ -49,6 +63,14 @@ class CpuClock:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
+
+    def split(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> tuple[float, float]:
+        """ms of ``out = first()`` and of ``then(out)``, run back to back."""
+        start = time.perf_counter()
+        out = first()
+        mid = time.perf_counter()
+        then(out)
+        return (mid - start) * 1e3, (time.perf_counter() - mid) * 1e3
 
 
 class CudaClock:
@@ -63,6 +85,17 @@ class CudaClock:
         stop.record()
         torch.cuda.synchronize()
         return start.elapsed_time(stop)
+
+    def split(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> tuple[float, float]:
+        """Device ms of the work ``out = first()`` queues and of what ``then(out)`` queues after it."""
+        start, mid, stop = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        out = first()
+        mid.record()
+        then(out)
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(mid), mid.elapsed_time(stop)
 
 
 @contextlib.contextmanager
@@ -119,12 +152,19 @@ def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Meter:
-    """How a run measures: the clock, the memory meter, timed repetitions and warm-up steps."""
+    """How a run measures: the clock, the memory meter, timed repetitions and warm-up steps.
+
+    ``min_seconds``: the timed steps of a case go on past ``reps`` until they span that long (at most
+    ``max_reps`` rounds): 15 steps of a 1 ms case last 15 ms, one time slice of a busy scheduler,
+    which a single preemption can cover whole; a second of steps samples the machine's load instead.
+    """
 
     clock: CpuClock | CudaClock
     peak: Peak
     reps: int
     warmup: int
+    min_seconds: float = 0.0
+    max_reps: int = 200
 
     @staticmethod
     def for_device(device: torch.device, reps: int, warmup: int) -> Meter:
@@ -138,25 +178,70 @@ class Meter:
 
 # --- measure and sweep -------------------------------------------------------------------------
 
-def measure(fn: LossFn, x: torch.Tensor, meter: Meter) -> tuple[dict[str, float], int]:
-    """Median forward, backward and forward+backward times of ``fn`` on a leaf copy of ``x``, and
-    the peak extra memory of one step."""
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No collection of Python's cyclic garbage inside a timed region (it would land in whichever
+    phase happens to cross its threshold); what piled up is collected before."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
-    def forward() -> torch.Tensor:
-        leaf.grad = None
-        return fn(leaf)
 
+def measure_together(fns: Mapping[str, LossFn], x: torch.Tensor, meter: Meter
+                     ) -> dict[str, tuple[dict[str, Spread], int]]:
+    """Per contender: the spread of forward, backward and total (their sum, per step) times of
+    ``meter.reps`` steps or more (``Meter.min_seconds``) on a leaf copy of ``x``, after
+    ``meter.warmup`` untimed steps of each; and one step's peak extra memory.
+
+    The contenders take turns, step by step: step ``r`` of every contender runs before step ``r + 1``
+    of any, so a load that comes and goes while a case is measured falls on all of them alike instead
+    of on whichever was being timed. Each step starts with no gradient stored (as after
+    ``zero_grad(set_to_none=True)``); the leaf is shared, one gradient alive at a time.
+    """
     leaf = x.detach().clone().requires_grad_(True)
-    for _ in range(meter.warmup):
-        forward().backward()
-    times: dict[str, list[float]] = {p: [] for p in PHASES}
-    for _ in range(meter.reps):
-        times["fwd"].append(meter.clock.time(forward))
-        loss = forward()
-        times["bwd"].append(meter.clock.time(loss.backward))
-        times["fwd+bwd"].append(meter.clock.time(lambda: forward().backward()))
+
+    def step(fn: LossFn) -> None:
+        leaf.grad = None
+        fn(leaf).backward()
+
+    for fn in fns.values():
+        for _ in range(meter.warmup):  # torch.compile compiles the forward and the backward graph here
+            step(fn)
+    fwd: dict[str, list[float]] = {name: [] for name in fns}
+    bwd: dict[str, list[float]] = {name: [] for name in fns}
+    with _gc_paused():
+        until, rounds = time.perf_counter() + meter.min_seconds, 0
+        while rounds < meter.reps or (rounds < meter.max_reps and time.perf_counter() < until):
+            rounds += 1
+            for name, fn in fns.items():
+                leaf.grad = None
+                f, b = meter.clock.split(lambda: fn(leaf), lambda loss: loss.backward())
+                fwd[name].append(f)
+                bwd[name].append(b)
     leaf.grad = None
-    return {p: statistics.median(v) for p, v in times.items()}, meter.peak(lambda: forward().backward())
+    out = {}
+    for name, fn in fns.items():
+        totals = [f + b for f, b in zip(fwd[name], bwd[name])]
+        spreads = {"fwd": Spread.of(fwd[name]), "bwd": Spread.of(bwd[name]), "fwd+bwd": Spread.of(totals)}
+        out[name] = (spreads, meter.peak(lambda: step(fn)))
+    leaf.grad = None
+    return out
+
+
+def measure(fn: LossFn, x: torch.Tensor, meter: Meter) -> tuple[dict[str, Spread], int]:
+    """``measure_together`` for one contender."""
+    return measure_together({"": fn}, x, meter)[""]
+
+
+def timed(clock: CpuClock | CudaClock, fn: Callable[[], Any], reps: int) -> Spread:
+    """The spread of ``reps`` timings of ``fn`` (the garbage collector paused, as in ``measure``)."""
+    with _gc_paused():
+        return Spread.of([clock.time(fn) for _ in range(reps)])
 
 
 @dataclasses.dataclass
@@ -170,18 +255,18 @@ class Bench(Generic[Case]):
 
 
 def sweep(bench: Bench[Case], cases: Sequence[Case], names: Sequence[str], meter: Meter,
-          progress: bool = True) -> list[tuple[Case, str, dict[str, float], int]]:
-    """(case, contender, median ms per phase, peak extra bytes) for every case and contender."""
+          progress: bool = True) -> list[tuple[Case, str, dict[str, Spread], int]]:
+    """(case, contender, spread of ms per phase, peak extra bytes) for every case and contender."""
     bar = _progress(len(cases) * len(names), progress)
     out = []
     for case in cases:
         inputs = bench.inputs(case)
-        for name in names:
-            bar.set_description(f"{name} {bench.describe(case)}")
-            ms, peak = measure(bench.build(name, case, inputs), inputs[bench.leaf], meter)
-            out.append((case, name, ms, peak))
-            bar.update(1)
-        del inputs
+        bar.set_description(bench.describe(case))
+        fns = {name: bench.build(name, case, inputs) for name in names}
+        for name, (spreads, peak) in measure_together(fns, inputs[bench.leaf], meter).items():
+            out.append((case, name, spreads, peak))
+        bar.update(len(names))
+        del inputs, fns
     bar.close()
     return out
 
@@ -247,40 +332,6 @@ def aligned_table(head: Sequence[str], body: Sequence[Sequence[str]], align: Seq
     return "\n".join(sep.join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)) for line in [head, *body])
 
 
-Panel = tuple[str, dict[str, list[tuple[float, float]]]]  # a title, and (x, y) points per line label
-
-
-def plot_grid(grid: Sequence[Sequence[Panel]], path: Path, title: str, xlabel: str, ylabel: str) -> bool:
-    """Log-log line plots, a panel per cell of ``grid``, the legend in the first; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows, cols = len(grid), max(len(row) for row in grid)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for i, row in enumerate(grid):
-        for j, (panel_title, lines) in enumerate(row):
-            ax = axes[i][j]
-            for label, points in lines.items():
-                if points:
-                    ax.plot(*zip(*sorted(points)), marker="o", label=label)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(panel_title)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # --- the run's context and the JSON record -----------------------------------------------------
 
 @dataclasses.dataclass
@@ -323,6 +374,88 @@ def triton_version() -> str | None:
     except Exception:
         return None
     return triton.__version__
+
+
+# What an extra needs beside it in the environment the README's dev install makes, and why (checked).
+ALONGSIDE = {"trl": ('"kernels>=0.12,<0.13"', "transformers < 5.11 does not import beside the kernels 0.19 "
+                     "that the dev install's newest transformers brings")}
+
+
+def install_hint(module: str) -> str:
+    """How to install the package that provides ``module``: the rlloss extra that pins it (read
+    from the installed rlloss's metadata, so the pins have one source, pyproject.toml), with what
+    it needs beside it (``ALONGSIDE``), else pip."""
+    from importlib import metadata
+
+    top = module.split(".")[0]
+    dist = top.replace("_", "-")
+    try:
+        requires = metadata.requires("rlloss") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    extras: dict[str, list[str]] = {}
+    for line in requires:
+        m = re.match(r'\s*([A-Za-z0-9_.-]+)([^;]*);.*extra\s*==\s*"([^"]+)"', line)
+        if m:
+            extras.setdefault(m.group(3), []).append(m.group(1) + m.group(2).strip())
+
+    def names_it(req: str) -> bool:
+        return re.split(r"[<>=!~ \\[]", req)[0].lower() == dist.lower()
+
+    named = [e for e, reqs in extras.items() if any(map(names_it, reqs))]
+    for extra in sorted(named, key=lambda e: e == "dev"):  # the extra made for it before the dev tools
+        pins = extras[extra] if extra != "dev" else [r for r in extras[extra] if names_it(r)]
+        also, why = ALONGSIDE.get(extra, ("", ""))
+        return (f'pip install -e ".[{extra}]"{" " + also if also else ""} from the repository root '
+                f'({", ".join(pins)}{"; " + why if why else ""})')
+    return f"pip install {dist}"
+
+
+_INSTALLED = re.compile(r"[/\\](?:site|dist)-packages[/\\]([A-Za-z0-9_]+)")
+
+
+def _import_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(the installed package whose import of another failed, the package that raised), when ``exc``
+    was raised while a module was being imported; else None."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    packages = [m.group(1) if m else None for m in (_INSTALLED.search(f.filename) for f in frames)]
+    # a module body running (Python hides the import machinery's own frames, not the module's), or
+    # importlib called by name; the first frame is where the exception was caught, never an import
+    first_import = next((i for i, f in enumerate(frames)
+                         if i and (f.name == "<module>" or "importlib" in f.filename)), None)
+    if first_import is None:
+        return None
+    importer = next((p for p in reversed(packages[:first_import]) if p), packages[first_import])
+    culprit = next((p for p in reversed(packages) if p), None)
+    return (importer, culprit) if importer and culprit else None
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return " " + metadata.version(package.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def skip_reason(exc: BaseException) -> str:
+    """Why a contender could not run, in one line; for a package that is missing or does not import,
+    how to install it. A package that raises while it is imported counts as not importing (trl 1.16
+    under transformers < 5.11 does, lazily, when Hugging Face's ``kernels`` is 0.19)."""
+    if isinstance(exc, ImportError) and exc.name:
+        top = exc.name.split(".")[0]
+        what = f"{top} is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name == top \
+            else f"{top} does not import ({exc})"[:160]
+        return f"{what}; to run it: {install_hint(top)}"
+    failure = _import_failure(exc)
+    if failure:
+        importer, culprit = failure
+        return (f"{importer}{_version(importer)} does not import here: {type(exc).__name__} in "
+                f"{culprit}{_version(culprit)} ({exc})"[:200] + f"; the tested versions: {install_hint(importer)}")
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def environment(device: torch.device, kind: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import harness  # noqa: E402
+import plots  # noqa: E402
 
 from rlloss.recipes import RECIPES  # noqa: E402
 
@@ -28,7 +28,7 @@ from rlloss.recipes import RECIPES  # noqa: E402
 PUBLISHED_KL = {recipe.name: recipe.beta != 0 for recipe in RECIPES.values()}
 
 
-def panels(rows: list[dict]) -> list[list[harness.Panel]]:
+def panels(rows: list[dict]) -> list[list[plots.Panel]]:
     """One row of panels per dtype, one panel per recipe, one line per contender: (tokens, MiB)."""
     recipes = list(dict.fromkeys(row["recipe"] for row in rows))
     contenders = list(dict.fromkeys(row["contender"] for row in rows))
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     png = args.record.with_name(args.record.stem + "-memory.png")
     kind = env["kind"].split(" (")[0]  # "measured on CPU": the clock in parentheses timed the other plot
     title = f"rlloss policy loss, peak extra memory of fwd+bwd, {kind}, {env['device']}, {env['date'][:10]}"
-    if not harness.plot_grid(panels(record["rows"]), png, title, "tokens (B x T)", "peak extra MiB"):
+    if not plots.plot_grid(panels(record["rows"]), png, title, "tokens (B x T)", "peak extra MiB"):
         print("no plot: matplotlib is missing (pip install -e \".[dev]\")", file=sys.stderr)
         return 1
     print(f"wrote {png}")

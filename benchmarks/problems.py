@@ -7,7 +7,7 @@ memory stay comparable with the recorded results:
 * ``loss_inputs``: the timed policy-loss problem of ``bench_loss.py`` (fp32 advantages);
 * ``make_problem``: the counted one of ``traffic.py`` and ``roofline.py`` (advantages in the
   inputs' dtype; a full or a prefix mask);
-* ``compile_inputs``: the launches captured by ``gpu_compile.py`` (optionally per-token advantages);
+* ``compile_inputs``: the launches captured by ``compile/gpu_compile.py`` (optionally per-token advantages);
 * ``logits_inputs``: ``[B, T, V]`` bf16 logits for the from-logits problem;
 * ``helper_inputs``: the off-policy helpers and advantage estimators of ``count_helpers.py``.
 

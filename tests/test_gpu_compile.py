@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for sm_80 and sm_90a, in the configurations the dispatcher launches,
 with no spills and no atomics: checked in the machine code, on the CPU, without a GPU.
 
-``benchmarks/gpu_compile.py`` captures the launches of the public functions (``gpu_capture.py``, in a
+``benchmarks/compile/gpu_compile.py`` captures the launches of the public functions (``gpu_capture.py``, in a
 child process under Triton's interpreter), compiles each distinct specialisation for both targets
 (``gpu_build.py``, in another child process, without it) and reads the cubins (``gpu_sass.py``).
 This module runs that once and asserts:
@@ -36,7 +36,7 @@ except ImportError as exc:  # a failure, not a skip: CI must compile the kernels
         "a dev dependency: pip install -e '.[dev]'"
     ) from exc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "compile"))
 
 import gpu_build  # noqa: E402
 import gpu_compile  # noqa: E402
@@ -63,7 +63,8 @@ def test_every_launched_kernel_is_captured(result):
     launched = {tuple(k) for k in result["launched_in_source"]}
     assert len(launched) >= 10, f"found only {sorted(launched)} in the kernel sources"
     assert not result["not_captured"], (
-        f"kernels launched in the sources but by no scenario of benchmarks/gpu_scenarios.py: {result['not_captured']}"
+        "kernels launched in the sources but by no scenario of benchmarks/compile/gpu_scenarios.py: "
+        f"{result['not_captured']}"
     )
 
 

@@ -24,9 +24,9 @@ interpreter when it is first imported), and reports.
 
 Usage::
 
-    python benchmarks/gpu_compile.py                        # table + benchmarks/results/gpu-compile.json
-    python benchmarks/gpu_compile.py --out r.json           # elsewhere
-    python benchmarks/gpu_compile.py --jobs 4               # compile processes (default: CPU count)
+    python benchmarks/compile/gpu_compile.py                # table + benchmarks/results/gpu-compile.json
+    python benchmarks/compile/gpu_compile.py --out r.json   # elsewhere
+    python benchmarks/compile/gpu_compile.py --jobs 4       # compile processes (default: CPU count)
 
 The token-streaming kernels (``_policy_loss_fwd_kernel``, ``_row_log_ratio_kernel``,
 ``_masked_sum_kernel``) also promise 128-bit loads: ``gpu_loads.expected_vector_loads`` works out,
@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings in benchmarks/compile/
 
 # Standard library only below these: the compile child forks its pool after importing this module.
 from gpu_build import compile_child, quiet_triton_warnings  # noqa: E402
@@ -62,7 +62,7 @@ from gpu_capture import capture_child, label  # noqa: E402
 from gpu_loads import TOKEN_INPUTS, expected_vector_loads, is_aligned  # noqa: E402
 from gpu_sass import ARCHS, GPU_LIMITS  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # benchmarks/compile/ -> the checkout root
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu-compile.json"
 
 # --- orchestration ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 import rlloss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared problems.py
 
 from problems import compile_inputs  # noqa: E402
 
