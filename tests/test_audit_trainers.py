@@ -208,9 +208,9 @@ def test_rlloss_verl_gmpo_is_exact_where_geo_mean_is_not():
 def test_docs_table_is_what_the_trainers_measure(audits):
     page = (ROOT / "docs" / "audit.md").read_text(encoding="utf-8")
     block = page.split(BEGIN, 1)[1].split(END, 1)[0]
-    rows = [line for line in block.splitlines() if line.startswith("| TRL |") or line.startswith("| verl |")]
-    want = [row("TRL", case, audits[key]) for key, case in TRL_CASES.items()]
-    want += [row("verl", case, audits[key]) for key, case in VERL_CASES.items()]
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    want = [row(case, audits[key]) for key, case in TRL_CASES.items()]
+    want += [row(case, audits[key]) for key, case in VERL_CASES.items()]
     assert rows == want, "docs/audit.md's table is stale: python -m rlloss.audit table --update docs/audit.md"
     assert re.search(r"Measured \d{4}-\d{2}-\d{2} with trl 1\.16\.0, transformers [\d.]+, verl 0\.9\.1", block)
 

@@ -77,7 +77,7 @@ class VerlCase:
     def describe(self) -> str:
         """The table's configuration cell."""
         extra = "" if self.loss_scale_factor is None else f", loss_scale_factor={self.loss_scale_factor}"
-        batching = "dynamic bsz" if self.dynamic_bsz else "fixed micro-batch size"
+        batching = "dynamic bsz" if self.dynamic_bsz else "fixed bsz"
         return f"`{self.loss_mode}`, `{self.loss_agg_mode}`{extra}, {batching}"
 
     def audit(self) -> Audit:
@@ -106,15 +106,15 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def row(trainer: str, case: TrlCase | VerlCase, audit: Audit) -> str:
-    """One Markdown row: trainer, configuration, aggregation, scale, residual, split-invariance."""
+def row(case: TrlCase | VerlCase, audit: Audit) -> str:
+    """One Markdown row: configuration, aggregation, scale, residual, split-invariance."""
     if audit.aggregation is not None:
         matched, scale = f"`{audit.aggregation}`", _num(audit.scale)
     else:
         matched, scale = f"none (nearest `{audit.nearest}`)", f"({_num(audit.candidates[audit.nearest][0])})"
     invariant = "yes" if audit.split_invariant else f"**no** ({_num(audit.split_error)})"
     scale = scale if audit.aggregation is None or abs(audit.scale - 1) <= 1e-6 else f"**{scale}**"
-    return f"| {trainer} | {case.describe()} | {matched} | {scale} | {small(audit.residual)} | {invariant} |"
+    return f"| {case.describe()} | {matched} | {scale} | {small(audit.residual)} | {invariant} |"
 
 
 def versions() -> str:
@@ -126,13 +126,14 @@ def versions() -> str:
 def table(date: datetime.date | None = None) -> str:
     """The Markdown table: every case audited now, with the date and the installed versions."""
     date = date or datetime.date.today()
+    header = ["| configuration | aggregation | scale | residual | split-invariant |", "|---|---|---|---|---|"]
     lines = [f"Measured {date.isoformat()} with {versions()}, by `python -m rlloss.audit table` "
              "(GA: gradient_accumulation_steps, spg: steps_per_generation, P: processes; verl: 2 micro-batches "
-             "x 2 ranks, responses padded to 64).", "",
-             "| trainer | configuration | aggregation | scale | residual | split-invariant (largest change) |",
-             "|---|---|---|---|---|---|"]
-    lines += [row("TRL", case, case.audit()) for case in trl_cases()]
-    lines += [row("verl", case, case.audit()) for case in verl_cases()]
+             "x 2 ranks, responses padded to 64; split-invariant: in parentheses, the largest change).", "",
+             "TRL's `GRPOTrainer`, by `loss_type`:", "", *header]
+    lines += [row(case, case.audit()) for case in trl_cases()]
+    lines += ["", "verl's `ppo_loss`, by `loss_mode` and `loss_agg_mode`:", "", *header]
+    lines += [row(case, case.audit()) for case in verl_cases()]
     return "\n".join(lines)
 
 
