@@ -194,19 +194,22 @@ ID_NONE_: tl.constexpr = tl.constexpr(ID_NONE)
 
 def check_ids_in_vocab(ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
     """Ids read as tokens (``mask`` True) must index the vocabulary: one launch, no host sync on a GPU
-    (a device-side assert, surfacing at the next sync). In Triton's interpreter (CPU tensors) the
-    assert is not compiled: its check is made here, as the ``ValueError`` of the reference's."""
+    (a device-side assert, surfacing at the next sync). Triton's interpreter (CPU tensors) compiles no
+    device assert: there the same check is made on the host, from the ids themselves, with numpy (the
+    stand-in for the assert, not a step of the GPU's sequence: no launch, no torch op), as the
+    ``ValueError`` of the reference's."""
     B, T = ids.shape
     out = torch.empty(3, dtype=torch.int64, device=ids.device)
     m = as_bytes(mask)
     _ids_in_vocab_kernel[(1,)](ids, m, out, B * T, max(T, 1), vocab, ids.stride(0), ids.stride(1), m.stride(0),
                                m.stride(1), BLOCK=IDS_CHECK_BLOCK)
     if ids.device.type == "cpu":
-        count, lo, hi = out.tolist()
-        if count:
-            raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in [{lo}, {hi}] at "
-                             f"{count} valid position(s); padding ids (such as -100) are never tokens: mask them out "
-                             "(mask= False there) so they are not read")
+        x = ids.numpy()
+        bad = x[(m.numpy() != 0) & ((x < 0) | (x >= vocab))]
+        if bad.size:
+            raise ValueError(f"ids must be in [0, {vocab}) (the vocabulary of logits), got values in "
+                             f"[{bad.min()}, {bad.max()}] at {bad.size} valid position(s); padding ids (such as "
+                             "-100) are never tokens: mask them out (mask= False there) so they are not read")
 
 
 def vocab_contiguous(logits: torch.Tensor) -> torch.Tensor:

@@ -188,17 +188,24 @@ def test_token_kernels_use_128_bit_loads(result, kernel):
 def test_aliased_gradient_stores_wait_for_every_warps_loads(result):
     """From hidden states, a 16-bit head's ``d logits`` is written into the first half of each fp32 row of
     the logits tile that the same program reads: warps must not store over columns another warp has
-    yet to load. ``ALIASED`` puts a barrier (``BAR``) in each block's loop; the other configurations of
-    the kernel (fp32 heads, from logits) have none, so the barrier is the flag's."""
+    yet to load. ``ALIASED`` puts a barrier (``BAR``) in each block's loop: every aliased configuration
+    has one, and where the same configuration is also compiled unaliased (an fp32 head, no bias: no
+    layout conversion of a bias load either), that one has none, so the barrier is the flag's."""
     configs = {c["id"]: c for c in result["configs"]}
     rows = [r for r in result["rows"] if r["kernel"] == "_logits_bwd_kernel" and r["ok"]]
 
-    def aliased(row):
+    def flags(row):
         names = list(configs[row["id"]]["signature"])
-        return any(names[i] == "ALIASED" and value for (i,), value in configs[row["id"]]["constexprs"])
+        return {names[i]: value for (i,), value in configs[row["id"]]["constexprs"]}
 
-    with_alias = [r for r in rows if aliased(r)]
+    with_alias = [r for r in rows if flags(r).get("ALIASED")]
     assert {r["arch"] for r in with_alias} == set(ARCHS), "no aliased configuration captured (bf16/fp16 heads)"
     assert all(r["barriers"] >= 1 for r in with_alias), [(_where(r), r["barriers"]) for r in with_alias]
-    plain = [r for r in rows if not aliased(r)]
-    assert plain and all(r["barriers"] == 0 for r in plain), [(_where(r), r["barriers"]) for r in plain]
+
+    def twin(row):  # the configuration's flags without ALIASED, and the arch
+        return row["arch"], tuple(sorted((k, v) for k, v in flags(row).items() if k != "ALIASED"))
+
+    plain = {twin(r): r["barriers"] for r in rows if not flags(r).get("ALIASED") and not flags(r).get("HAS_BIAS")}
+    pairs = [(r, plain[twin(r)]) for r in with_alias if not flags(r).get("HAS_BIAS") and twin(r) in plain]
+    assert {r["arch"] for r, _ in pairs} == set(ARCHS), "no unaliased twin of an aliased configuration captured"
+    assert all(barriers == 0 for _, barriers in pairs), [(_where(r), b) for r, b in pairs]

@@ -121,10 +121,14 @@ def launched_kernels(package_dir: Path | None = None) -> list[tuple[str, str]]:
     found = set()
     for path in sorted(package_dir.glob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
+        # a kernel imported from a sibling module (``from .logits import _logits_bwd_kernel``) is that module's
+        defined_in = {alias.asname or alias.name: f"rlloss.kernels.{node.module}" for node in ast.walk(tree)
+                      if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module for alias in node.names}
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
                     and isinstance(node.func.value, ast.Name)):
-                found.add((f"rlloss.kernels.{path.stem}", node.func.value.id))
+                name = node.func.value.id
+                found.add((defined_in.get(name, f"rlloss.kernels.{path.stem}"), name))
     return sorted(found)
 
 
