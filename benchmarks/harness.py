@@ -376,15 +376,9 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-# What an extra needs beside it in the environment the README's dev install makes, and why (checked).
-ALONGSIDE = {"trl": ('"kernels>=0.12,<0.13"', "transformers < 5.11 does not import beside the kernels 0.19 "
-                     "that the dev install's newest transformers brings")}
-
-
 def install_hint(module: str) -> str:
     """How to install the package that provides ``module``: the rlloss extra that pins it (read
-    from the installed rlloss's metadata, so the pins have one source, pyproject.toml), with what
-    it needs beside it (``ALONGSIDE``), else pip."""
+    from the installed rlloss's metadata, so the pins have one source, pyproject.toml), else pip."""
     from importlib import metadata
 
     top = module.split(".")[0]
@@ -405,9 +399,7 @@ def install_hint(module: str) -> str:
     named = [e for e, reqs in extras.items() if any(map(names_it, reqs))]
     for extra in sorted(named, key=lambda e: e == "dev"):  # the extra made for it before the dev tools
         pins = extras[extra] if extra != "dev" else [r for r in extras[extra] if names_it(r)]
-        also, why = ALONGSIDE.get(extra, ("", ""))
-        return (f'pip install -e ".[{extra}]"{" " + also if also else ""} from the repository root '
-                f'({", ".join(pins)}{"; " + why if why else ""})')
+        return f'pip install -e ".[{extra}]" from the repository root ({", ".join(pins)})'
     return f"pip install {dist}"
 
 
