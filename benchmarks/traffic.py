@@ -71,7 +71,9 @@ _METADATA = {"_unsafe_view.default", "_reshape_alias.default", "set_.source_Stor
              "set_.source_Storage", "set_.source_Tensor", "set_.default", "lift_fresh.default"}
 # In-place ops that overwrite their mutated argument without reading it.
 _WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
-_SYNC = "_local_scalar_dense.default"
+# a tensor's value read on the host: ``.item()``, ``int()``, ``bool()``. Outside an op it reaches the recorder as
+# _local_scalar_dense; inside an op's body (below autograd, where item is not decomposed) as item or is_nonzero
+_SYNCS = {"_local_scalar_dense.default", "item.default", "is_nonzero.default"}
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -163,7 +165,7 @@ class _AtenRecorder(TorchDispatchMode):
                 return body(*args, **kwargs)
         out = func(*args, **kwargs)
         key = _op_key(func)
-        if key == _SYNC:
+        if key in _SYNCS:
             self.counts.syncs += 1
         elif key in _ALLOCATIONS:
             self.counts.not_counted[key] += 1
