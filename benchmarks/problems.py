@@ -45,8 +45,9 @@ def loss_inputs(b: int, t: int, dtype: torch.dtype, device: torch.device | str, 
     lengths uniform in ``[T/4, T]``."""
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, t, generator=gen) * 4
-    logp = old + 0.05 * torch.randn(b, t, generator=gen)
-    ref = old + 0.05 * torch.randn(b, t, generator=gen)
+    # log-probabilities: at most 0 (policy_loss counts and warns about any above)
+    logp = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0)
+    ref = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0)
     lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
     return {
         "logp": logp.to(device, dtype),
