@@ -78,8 +78,8 @@ def make_problem(b: int, t: int, dtype: torch.dtype, device: torch.device | str 
     """
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, t, generator=gen) * 3
-    logp = old + 0.05 * torch.randn(b, t, generator=gen)
-    ref = old + 0.05 * torch.randn(b, t, generator=gen)
+    logp = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0)  # log-probabilities: at most 0
+    ref = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0)
     adv = torch.randn(b, generator=gen)
     if mask == "full":
         m = torch.ones(b, t, dtype=torch.bool)
@@ -100,8 +100,8 @@ def compile_inputs(dtype: torch.dtype, b: int, t: int, *, per_token_adv: bool = 
     """(logp as a leaf, old_logp, adv, mask, ref_logp) on the CPU; fp32 advantages, ``[B]`` or ``[B, T]``."""
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, t, generator=gen) * 3
-    logp = (old + 0.05 * torch.randn(b, t, generator=gen)).to(dtype).requires_grad_(True)
-    ref = (old + 0.05 * torch.randn(b, t, generator=gen)).to(dtype)
+    logp = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0).to(dtype).requires_grad_(True)
+    ref = (old + 0.05 * torch.randn(b, t, generator=gen)).clamp(max=0.0).to(dtype)
     lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
     mask = torch.arange(t)[None, :] < lengths[:, None]
     adv = torch.randn((b, t) if per_token_adv else (b,), generator=gen)
