@@ -34,6 +34,11 @@ Usage (a laptop CPU, about 10 seconds; one torch thread)::
 
     python examples/hf_grpo.py --recipe dr_grpo
     python examples/hf_grpo.py --recipe dapo --steps 60
+    TRITON_INTERPRET=1 python examples/hf_grpo.py --from-hidden --backend triton
+
+``--from-hidden`` takes the loss from the last hidden states and ``lm_head.weight``
+(``policy_loss_from_hidden``: the Triton backend forms the gradient in its forward, from bounded
+logits tiles, and never holds the logits); the same loss and gradients as from the logits.
 
 Each line shows the step's mean reward, accuracy, the fraction of responses truncated (no EOS), the
 valid tokens trained on (``metrics["num_tokens"]`` summed over micro-batches) and the loss; the
@@ -75,6 +80,8 @@ class Config:
     hidden: int = 64
     layers: int = 2
     seed: int = 0
+    from_hidden: bool = False  # the loss from the last hidden states and lm_head.weight: no logits
+    backend: str = "auto"  # "triton" runs the fused kernels (on a CPU: TRITON_INTERPRET=1)
 
 
 RECIPES = {"dr_grpo": rlloss.DR_GRPO, "dapo": rlloss.DAPO}
@@ -186,12 +193,15 @@ def micro_slices(n: int, micro: int) -> list[slice]:
 def micro_loss(model: Qwen2ForCausalLM, batch: dict[str, torch.Tensor], adv: torch.Tensor, mask: torch.Tensor,
                s: slice, counts: rlloss.distributed.StepCounts, cfg: Config) -> rlloss.PolicyLoss:
     """The loss of micro-batch ``s`` with the step's counts: the micro-batch losses sum to the step's."""
-    logits = completion_logits(model, batch["sequences"][s])
     extra = {"max_tokens": cfg.max_new_tokens} if cfg.recipe == "dr_grpo" else {}  # PITFALL: the budget
-    return rlloss.policy_loss_from_logits(
-        logits, batch["completions"][s], batch["old_logp"][s], adv[s], mask[s], temperature=cfg.temperature,
-        **RECIPES[cfg.recipe].loss_kwargs(), **extra, **counts.kwargs(),
-    )
+    options = dict(temperature=cfg.temperature, backend=cfg.backend, **RECIPES[cfg.recipe].loss_kwargs(), **extra,
+                   **counts.kwargs())
+    args = (batch["completions"][s], batch["old_logp"][s], adv[s], mask[s])
+    if cfg.from_hidden:  # the LM head inside the loss: the model's forward keeps one position's logits
+        out = model(input_ids=batch["sequences"][s], output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, PROMPT_LEN - 1:-1]  # PITFALL: the same shift as the logits'
+        return rlloss.policy_loss_from_hidden(hidden, model.lm_head.weight, *args, **options)
+    return rlloss.policy_loss_from_logits(completion_logits(model, batch["sequences"][s]), *args, **options)
 
 
 def train_step(model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, cfg: Config,
@@ -239,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     for field in ("temperature", "lr"):
         parser.add_argument(f"--{field}", type=float, default=getattr(defaults, field))
+    parser.add_argument("--from-hidden", action="store_true",
+                        help="the loss from the last hidden states and lm_head.weight (policy_loss_from_hidden)")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=defaults.backend)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tensors this small run fastest on one thread (several cost ~8x the CPU time)
     cfg = dataclasses.replace(defaults, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)

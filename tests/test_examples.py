@@ -194,14 +194,17 @@ def _reference_step_loss(torch, model, sequences, prompt_len, eos, digit0, group
     return loss, m, old
 
 
-@pytest.mark.parametrize("recipe", ["dr_grpo", "dapo"])
-def test_hf_example_loss_on_the_first_batch_matches_a_hand_computed_reference(hf, recipe):
-    """The example's accumulated loss (and gradient) of its first batch against plain torch, by hand."""
+@pytest.mark.parametrize("recipe, from_hidden", [("dr_grpo", False), ("dapo", False), ("dapo", True)])
+def test_hf_example_loss_on_the_first_batch_matches_a_hand_computed_reference(hf, recipe, from_hidden):
+    """The example's accumulated loss (and gradient) of its first batch against plain torch, by hand; from
+    the logits, and from the hidden states by the fused kernels (the loss path: the gradient formed in
+    the forward, from logits tiles)."""
     torch = lb.torch
     # Dr. GRPO: a warmed-up model that ends early, so that generate's width W is below the budget and
     # a normaliser taken from W (not max_new_tokens) would show; DAPO: a shorter warm-up leaves
     # truncated responses for the overlong filter.
-    cfg = _hf_cfg(hf, recipe, prompts=8, group=8, micro=3, warmup=10 if recipe == "dr_grpo" else 3)
+    cfg = _hf_cfg(hf, recipe, prompts=8, group=8, micro=3, warmup=10 if recipe == "dr_grpo" else 3,
+                  from_hidden=from_hidden, backend="triton" if from_hidden else "auto")
     model = hf.build_model(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     hf.warm_up(model, cfg, gen)
