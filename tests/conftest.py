@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
             "or set it to 1 (on a CUDA machine, run without it)."
         )
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 # ci: the same examples every run (a red CI is a regression, never a newly drawn case); thorough:
 # random, many more examples, for GPU and local deep runs where new cases are what is wanted.
@@ -38,6 +38,16 @@ settings.register_profile(
     "thorough",
     max_examples=400,
     deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# explicit: only the @example cases (and pytest's parametrised ones), no drawn example at all. What
+# tools/mutate.py runs: a mutant killed under it is killed by cases written in the tests, whichever hypothesis
+# version pip resolved (the ci profile's draws change with the version).
+settings.register_profile(
+    "explicit",
+    deadline=None,
+    phases=(Phase.explicit,),
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

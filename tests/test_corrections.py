@@ -194,6 +194,87 @@ def test_rejection_sequence_levels():
         [False, False, False], [True, True, False], [False, False, False]]
 
 
+def _rejection_loop(logp, roll, mask, kind, level, low, high):
+    """SPEC's rejection_mask written as a float64 loop over rows and tokens (Python floats)."""
+    keep = []
+    for lp_row, r_row, m_row in zip(logp.tolist(), roll.tolist(), mask.tolist()):
+        stats = []
+        for lp, r, m in zip(lp_row, r_row, m_row):
+            x = min(max(lp - r, -20.0), 20.0) if m else 0.0
+            stats.append({"k1": -x, "k2": x * x / 2, "k3": math.exp(x) - 1 - x}[kind])
+        valid = [s for s, m in zip(stats, m_row) if m]
+        if level == "token":
+            row_stat = stats
+        else:
+            value = {"seq_sum": sum(valid), "seq_mean": sum(valid) / max(len(valid), 1),
+                     "seq_max": max(valid, default=-math.inf)}[level]
+            row_stat = [value] * len(stats)
+        if kind == "k1":
+            lo = 1 / high if low is None else low
+            ok = [math.log(lo) <= s <= math.log(high) for s in row_stat]
+        else:
+            ok = [s <= high for s in row_stat]
+        keep.append([o and m for o, m in zip(ok, m_row)])
+    return keep
+
+
+@pytest.mark.parametrize("kind, level", [("k1", "seq_mean"), ("k2", "seq_mean"), ("k3", "seq_mean"),
+                                         ("k1", "seq_sum"), ("k3", "seq_sum"), ("k2", "seq_max"), ("k3", "seq_max"),
+                                         ("k1", "token"), ("k3", "token")])
+def test_rejection_row_levels_match_a_float64_loop_at_every_threshold(kind, level):
+    """Rows with 1 to 7 of 8 tokens valid (and an empty one), the threshold placed between every two
+    neighbouring row statistics of SPEC's formula: each verdict, row by row, is the loop's. A statistic
+    over the wrong tokens or by the wrong count (``T``, the batch's count) moves a row across a threshold."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([1, 3, 8, 5, 0, 2, 7, 4])
+    mask = torch.arange(8)[None] < lengths[:, None]
+    mask[3] = mask[3].flip(0)  # a row valid at its end
+    roll = -torch.rand(8, 8, generator=gen, dtype=torch.float64) * 3
+    logp = roll + 0.6 * torch.randn(8, 8, generator=gen, dtype=torch.float64) - 0.1
+    logp[~mask] = NAN  # masked positions never read
+    rows = [r for r in range(8) if lengths[r] > 0]
+    if level == "token":
+        x = (logp - roll)[mask]
+        values = {"k1": -x, "k2": x * x / 2, "k3": torch.exp(x) - 1 - x}[kind]
+    else:
+        values = torch.tensor([_row_stat(logp[r], roll[r], mask[r], kind, level) for r in rows])
+    ordered = sorted(set(values.tolist()))
+    cuts = [(a + c) / 2 for a, c in zip(ordered, ordered[1:])]
+    checked = 0
+    for cut in cuts:
+        bounds = [(None, math.exp(cut)), (math.exp(cut), math.exp(max(ordered) + 1))] if kind == "k1" \
+            else [(None, cut)]
+        for low, high in bounds:
+            if kind == "k1" and low is None and -cut > cut:
+                continue  # high = e^cut < 1: no k1 bounds there (log(1/high) > log(high))
+            got = rlloss.rejection_mask(logp.to(DEVICE), roll.to(DEVICE), mask.to(DEVICE), kind=kind, level=level,
+                                        low=low, high=high)
+            assert got.tolist() == _rejection_loop(logp, roll, mask, kind, level, low, high), (cut, low, high)
+            checked += 1
+    assert checked >= 4
+
+
+def _row_stat(logp_row, roll_row, mask_row, kind, level):
+    x = [lp - r for lp, r, m in zip(logp_row.tolist(), roll_row.tolist(), mask_row.tolist()) if m]
+    stats = [{"k1": -v, "k2": v * v / 2, "k3": math.exp(v) - 1 - v}[kind] for v in x]
+    return {"seq_sum": sum(stats), "seq_mean": sum(stats) / len(stats), "seq_max": max(stats)}[level]
+
+
+def test_rejection_seq_mean_divides_by_the_row_s_own_count():
+    """Row 0: 2 of 4 tokens valid, x = 0.4 each: k2 mean 0.08 (kept at high 0.1; a mean over T = 4 would be
+    0.04, kept at 0.05 where 0.08 is not); row 1: all 4 valid, x = 0.5: k2 mean 0.125, dropped at both."""
+    logp = t([[0.4, 0.4, NAN, NAN], [0.5, 0.5, 0.5, 0.5]], torch.float64)
+    roll = torch.zeros(2, 4, dtype=torch.float64, device=DEVICE)
+    mask = b([[True, True, False, False], [True, True, True, True]])
+    assert rlloss.rejection_mask(logp, roll, mask, kind="k2", level="seq_mean", high=0.1).tolist() == [
+        [True, True, False, False], [False, False, False, False]]
+    assert not rlloss.rejection_mask(logp, roll, mask, kind="k2", level="seq_mean", high=0.05).any()
+    # k1: row 0 mean -0.4: kept with high e^0.45 (bounds +-0.45), dropped with e^0.3 (a mean over T: -0.2, kept)
+    assert rlloss.rejection_mask(logp, roll, mask, level="seq_mean", high=math.exp(0.45))[0].tolist() == [
+        True, True, False, False]
+    assert not rlloss.rejection_mask(logp, roll, mask, level="seq_mean", high=math.exp(0.3))[0].any()
+
+
 def test_rejection_several_rules_and_their_masks():
     logp, roll = t([[1.0, 0.0], [0.1, 0.1]]), t([[0.0, 0.0], [0.0, 0.0]])
     mask = b([[True, True], [True, True]])

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import rlloss
 from helpers import BACKENDS, DEVICE, assert_close, gloo_rank, spawn_ranks
 from rlloss.distributed import StepCounts, step_counts
-from strategies import AGGREGATIONS, call_options, loss_magnitude, loss_options, loss_problems
+from strategies import AGGREGATIONS, call_options, loss_magnitude, loss_options, loss_problems, make_problem
 
 WORLD = 2
 # Each child loops over every configuration: one spawn for the whole file.
@@ -191,20 +191,40 @@ def test_step_counts_over_random_partitions_give_the_full_batch(backend, problem
     kw = call_options(problem, opts)
     b = problem.logp.shape[0]
     count_empty_rows = data.draw(st.booleans(), label="count_empty_rows")
+    perm = data.draw(st.permutations(range(b)), label="row order")
+    cuts = sorted(data.draw(st.lists(st.integers(1, b - 1), min_size=1, max_size=4, unique=True), label="cuts"))
+    n_pieces = len(cuts) + 1
+    ranks = data.draw(st.integers(1, min(2, n_pieces)), label="ranks")
+    assume(check_partition(backend, problem, kw, count_empty_rows, perm, cuts, ranks))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("count_empty_rows", [True, False])
+def test_step_counts_over_random_partitions_give_the_full_batch_fixed(backend, aggregation, count_empty_rows):
+    """The property above on a written-out partition: 7 rows (one empty) in shuffled order, in micro-batches of
+    2, 1, 3 and 1 rows over two ranks."""
+    problem = make_problem(7, 13, torch.float32, seed=4, mask_kind="random", spread=0.3)
+    problem.mask[3] = False
+    kw = call_options(problem, {"aggregation": aggregation, "beta": 0.04, "use_ref": True,
+                                **({"max_tokens": 9} if aggregation == "constant" else {})})
+    assert check_partition(backend, problem, kw, count_empty_rows, [5, 0, 3, 6, 1, 4, 2], [2, 3, 6], 2)
+
+
+def check_partition(backend, problem, kw, count_empty_rows, perm, cuts, ranks) -> bool:
+    """The rows in order ``perm`` cut at ``cuts`` into micro-batches dealt to ``ranks`` ranks, with
+    ``step_counts``: the full batch's loss and gradient. False (nothing checked) when the gradient is 0."""
+    b = problem.logp.shape[0]
     full_kw = dict(kw)
     if not count_empty_rows:
         full_kw["num_seqs"] = int(problem.mask.any(-1).sum())
     leaf = problem.fresh_logp()
     full = rlloss.policy_loss(leaf, problem.old_logp, problem.adv, problem.mask, backend=backend, **full_kw)
     (full_grad,) = torch.autograd.grad(full.loss, leaf)
-    assume(bool((full_grad != 0).any()))
-
-    # A random partition of the rows (any order) into micro-batches, dealt to 1 or 2 ranks.
-    perm = data.draw(st.permutations(range(b)), label="row order")
-    cuts = sorted(data.draw(st.lists(st.integers(1, b - 1), min_size=1, max_size=4, unique=True), label="cuts"))
+    if not bool((full_grad != 0).any()):
+        return False
     bounds = [0, *cuts, b]
     pieces = [torch.tensor(perm[lo:hi], device=DEVICE) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    ranks = data.draw(st.integers(1, min(2, len(pieces))), label="ranks")
     per_rank = [pieces[r::ranks] for r in range(ranks)]
 
     counts = step_counts([problem.mask[idx] for idx in pieces], count_empty_rows=count_empty_rows)
@@ -225,6 +245,7 @@ def test_step_counts_over_random_partitions_give_the_full_batch(backend, problem
     (grad,) = torch.autograd.grad(total, leaf)
     assert_close(total, full.loss, torch.float32, scale=loss_magnitude(problem, full_kw), what=problem.description)
     assert_close(grad, full_grad, torch.float32, what=problem.description)  # element-wise: one micro-batch each
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,6 +89,12 @@ def test_reinforce_pp_by_hand():
     m = b([[True, True, True], [True, True, True]])
     s = math.sqrt(0.3 + 1e-8)
     close(rlloss.reinforce_pp_advantages(r, m), t([[0.5 / s] * 3, [-0.5 / s] * 3], F64))
+    # gamma = 0.5: returns [[0.25, 0.5, 1], [0, 0, 0]], whitened with their mean and unbiased variance
+    g = [0.25, 0.5, 1.0, 0.0, 0.0, 0.0]
+    mean = sum(g) / 6
+    s = math.sqrt(sum((x - mean) ** 2 for x in g) / 5 + 1e-8)
+    close(rlloss.reinforce_pp_advantages(r, m, gamma=0.5), t([[(x - mean) / s for x in g[:3]],
+                                                              [(x - mean) / s for x in g[3:]]], F64))
 
 
 def test_remax_by_hand():
@@ -150,6 +156,27 @@ def test_gpg_by_hand():
     close(rlloss.gpg_advantages(t([1.0, 0.0, 3.0]), g, m3, singleton="keep"), t([[0.75], [-0.75], [4.5]]))
     # all scores zero: alpha = N / max(0, 1), advantages 0
     assert not rlloss.gpg_advantages(t([0.0, 0.0]), mask=m3[:2], group_size=2).any()
+
+
+@pytest.mark.parametrize("singleton", ["zero", "keep"])
+def test_gpg_with_negative_scores_matches_a_float64_loop(singleton):
+    """Scores of both signs (verl's rewards may be -1 / +1): alpha counts every non-zero score, negative ones
+    too. SPEC's ``alpha * (s_i - mean_g s)``, ``alpha = N / max(#{s != 0}, 1)``, as a loop over Python floats."""
+    scores = [-1.0, 0.0, 2.0, -0.5, 0.0, 0.0, -3.0, 1.0, 4.0]
+    groups = [0, 0, 0, 1, 1, 2, 2, 2, 3]  # group 3 a singleton
+    lengths = [2, 3, 1, 3, 2, 3, 1, 2, 3]
+    alpha = len(scores) / max(sum(1 for s in scores if s != 0), 1)  # 6 non-zero of 9, 4 of them negative
+    want = []
+    for i, s in enumerate(scores):
+        members = [scores[j] for j in range(len(scores)) if groups[j] == groups[i]]
+        if len(members) == 1:
+            adv = alpha * s if singleton == "keep" else 0.0
+        else:
+            adv = alpha * (s - sum(members) / len(members))
+        want.append([adv if t < lengths[i] else 0.0 for t in range(3)])
+    mask = torch.arange(3)[None] < torch.tensor(lengths)[:, None]
+    got = rlloss.gpg_advantages(t(scores, F64), ids(groups), mask.to(DEVICE), singleton=singleton)
+    close(got, t(want, F64))
 
 
 def test_passk_by_hand():
@@ -220,6 +247,13 @@ def test_optimal_token_baseline_by_hand():
     got = rlloss.optimal_token_baseline_advantages(r, m, old_logp=old, sum_pi_squared=sq, group_size=2,
                                                    is_weights=torch.full_like(r, 2.0), handle_zero_tail=False)
     b0, b1, b2 = 6 / (4 + 1e-8), 12 / (8 + 1e-8), 6 / (6 + 1e-8)
+    close(got, t([[1 - b0, 1 - b1, 1 - b2], [2 - b0, 2 - b1, 0.0]], F64))
+    # is_weights 2 on row 0, 1 on row 1 (a uniform weight cancels out): w0 = 0.5 * 2^2 = 2, w1 = 0.5;
+    # W0 = [2, 4, 6], W1 = [0.5, 1]: b = [(2 + 1) / 2.5, (4 + 2) / 5, 6 / 6]
+    weights = torch.tensor([[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]], dtype=F64, device=DEVICE)
+    got = rlloss.optimal_token_baseline_advantages(r, m, old_logp=old, sum_pi_squared=sq, group_size=2,
+                                                   is_weights=weights, handle_zero_tail=False)
+    b0, b1, b2 = 3 / (2.5 + 1e-8), 6 / (5 + 1e-8), 6 / (6 + 1e-8)
     close(got, t([[1 - b0, 1 - b1, 1 - b2], [2 - b0, 2 - b1, 0.0]], F64))
 
 

@@ -145,6 +145,18 @@ def check_against_logits(hidden, weight, bias, ids, mask, temperature, gl, ge, b
          which="entropy", strided=False, seed=2, backend=BACKENDS[-1], tile=64)
 @example(n=20, h=9, v=129, dtype=torch.bfloat16, temperature=0.7, bias=True, mask_kind="random", which="logp",
          strided=False, seed=3, backend=BACKENDS[-1], tile=1)  # one token per tile, the entropy a metric
+# the log-prob-only gradient (no entropy term in the epilogue) at temperatures != 1, with a bias, in tiles of 7
+# and 6 tokens with a partial last one and padding in every tile: the entropy returned as a metric (seed % 3 == 1)
+# and not returned (seed % 3 == 2)
+@example(n=20, h=9, v=129, dtype=torch.float32, temperature=0.7, bias=True, mask_kind="random", which="logp",
+         strided=False, seed=4, backend=BACKENDS[-1], tile=7)
+@example(n=20, h=17, v=131, dtype=torch.bfloat16, temperature=1.3, bias=True, mask_kind="prefix", which="logp",
+         strided=False, seed=5, backend=BACKENDS[-1], tile=6)
+# the entropy's gradient alone and both, at a temperature, with a bias, several tiles
+@example(n=23, h=9, v=129, dtype=torch.float32, temperature=1.3, bias=True, mask_kind="random", which="entropy",
+         strided=False, seed=6, backend=BACKENDS[-1], tile=5)
+@example(n=20, h=9, v=129, dtype=torch.float32, temperature=0.7, bias=True, mask_kind="random", which="both",
+         strided=False, seed=7, backend="torch", tile=None)  # the reference, the same options
 def test_matches_token_logprobs_on_materialised_logits(n, h, v, dtype, temperature, bias, mask_kind, which, strided,
                                                        seed, backend, tile):
     hidden, weight, b, ids, mask = make_head(n, h, v, dtype, seed, bias=bias, mask_kind=mask_kind, strided=strided)
@@ -288,6 +300,15 @@ def _loss_kwargs(options: dict, old, adv, mask, seed: int) -> tuple[dict, torch.
          on_policy=False, seed=1)
 @example(options=LOSS_OPTIONS[7], dtype=torch.float16, temperature=1.0, bias=True, entropy_coef=0.02, tile=16,
          on_policy=True, seed=2)
+# dp_size and a global token count with the entropy bonus, a temperature, a bias, tiles of 16 (the last partial)
+@example(options=LOSS_OPTIONS[5], dtype=torch.float32, temperature=1.3, bias=True, entropy_coef=0.02, tile=16,
+         on_policy=False, seed=3)
+# a global row count, the entropy bonus at a temperature, tiles of 5
+@example(options=LOSS_OPTIONS[2], dtype=torch.bfloat16, temperature=0.7, bias=False, entropy_coef=0.02, tile=5,
+         on_policy=False, seed=4)
+# the general path (a row statistic) at a temperature, with a bias, the bonus and tiles
+@example(options=LOSS_OPTIONS[8], dtype=torch.float32, temperature=0.7, bias=True, entropy_coef=0.02, tile=16,
+         on_policy=False, seed=5)
 def test_policy_loss_from_hidden_matches_the_loss_on_materialised_logits(options, dtype, temperature, bias,
                                                                          entropy_coef, tile, on_policy, seed):
     """Every objective, aggregation, KL and weight option, dtype, temperature, bias and tile height, with an
@@ -320,6 +341,41 @@ def test_policy_loss_from_hidden_matches_the_loss_on_materialised_logits(options
         assert_close(got.float(), exp, x.dtype if x.dtype != torch.float32 else torch.float32,
                      scale=float(exp.abs().max()), what=f"d {name}")
     assert bool((grads[0][~mask] == 0).all()), "gradient at masked positions"
+
+
+@needs_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bounds", [(0, 60, 131), (0, 40, 90, 131)], ids=["2 shards", "3 shards"])
+def test_combine_shards_gives_the_whole_vocabulary_statistics(bounds, temperature):
+    """The vocabulary-parallel arithmetic without processes: each shard's tile statistics (with its slice of the
+    bias), rebased on the global maximum by ``combine_shards`` and summed, give fp64's logp, entropy and logsumexp
+    of the whole vocabulary. Shard maxima differ by row (one row peaks in each shard)."""
+    from rlloss.kernels.linear_logprobs import combine_shards, finish_stats, tile_stats
+
+    gen = torch.Generator().manual_seed(19)
+    C, V = 6, bounds[-1]
+    logits = 2 * torch.randn(C, V, generator=gen)
+    for row in range(C):  # row r peaks inside shard r % shards
+        lo, hi = bounds[row % (len(bounds) - 1)], bounds[row % (len(bounds) - 1) + 1]
+        logits[row, lo + (hi - lo) // 2] += 8.0
+    bias = torch.randn(V, generator=gen)
+    ids = torch.randint(0, V, (C,), generator=gen)
+    ok = torch.ones(C, dtype=torch.bool)
+    ok[4] = False  # padding: read nowhere
+    stats = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        local = torch.where((ids >= lo) & (ids < hi), ids - lo, torch.full_like(ids, -1))
+        stats.append(tile_stats(logits[:, lo:hi].contiguous(), bias[lo:hi].contiguous(), local, ok, temperature))
+    big_m = torch.stack([m for m, *_ in stats]).amax(0)
+    parts = sum(combine_shards(*st, big_m) for st in stats)
+    logp, entropy, lse = finish_stats(big_m, parts[0], parts[1], parts[2])
+    z = (logits.double() + bias.double()) / temperature
+    lsm = torch.log_softmax(z, -1)
+    want_logp = lsm.gather(-1, ids[:, None])[:, 0]
+    want_ent = -(lsm.exp() * lsm).sum(-1)
+    torch.testing.assert_close(logp[ok].double(), want_logp[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[ok].double(), want_ent[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[ok].double(), torch.logsumexp(z, -1)[ok], rtol=1e-6, atol=1e-5)
 
 
 def test_bias_and_temperature_are_applied_as_the_spec_says():

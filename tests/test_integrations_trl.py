@@ -78,14 +78,34 @@ def length_reward(completions, **kwargs):
     return rewards
 
 
-def build(cls, checkpoint, tmp_path, extra=None, **config):
+PAIRED = []  # what first_of_two and second_of_two returned, per call
+
+
+def first_of_two(completions, **kwargs):
+    """One of two reward functions: None where the first number is a multiple of 3."""
+    numbers = [[int(w) for w in c.split() if w.isdigit()] for c in completions]
+    rewards = [None if n and n[0] % 3 == 0 else float(sum(n) % 3) for n in numbers]
+    PAIRED.append(("first", rewards))
+    return rewards
+
+
+def second_of_two(completions, **kwargs):
+    """The other, of both signs: None where the first number is a multiple of 5 or 6 (multiples of 6: both None,
+    unscorable; of 5: the first function's reward alone counts; of 3 only: the second's alone)."""
+    numbers = [[int(w) for w in c.split() if w.isdigit()] for c in completions]
+    rewards = [None if n and (n[0] % 6 == 0 or n[0] % 5 == 0) else 0.5 * len(n) - 1.2 for n in numbers]
+    PAIRED.append(("second", rewards))
+    return rewards
+
+
+def build(cls, checkpoint, tmp_path, extra=None, reward_funcs=length_reward, **config):
     path, tokenizer = checkpoint
     defaults = dict(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=B, num_generations=4,
                     max_completion_length=C, gradient_accumulation_steps=GA, steps_per_generation=GA, use_cpu=True,
                     bf16=False, report_to=[], save_strategy="no")
     args = trl.GRPOConfig(**{**defaults, **config})
     dataset = Dataset.from_dict({"prompt": ["1 2 3", "4 5", "6 7 8 9"] * 4})
-    trainer = cls(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset,
+    trainer = cls(model=path, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                   processing_class=tokenizer, **(extra or {}))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = GA
@@ -160,6 +180,15 @@ CASES = {
     "grpo-tool-mask": (dict(loss_type="grpo"), {}, dict(tool_mask=True)),
     "vespo-vllm": (dict(loss_type="vespo"), dict(use_vllm=True, vllm_importance_sampling_correction=True),
                    dict(vllm="token_truncate")),
+    # TRL logs the dapo-type policy term (dapo, cispo, vespo) after its normaliser, the others before GA's division
+    "vespo-entropy-bonus": (dict(loss_type="vespo", entropy_coef=0.02), {}, {}),
+    "cispo-entropy-bonus": (dict(loss_type="cispo", entropy_coef=0.02), {}, {}),
+    "luspo-entropy-bonus": (dict(loss_type="luspo", importance_sampling_level="sequence", entropy_coef=0.02), {}, {}),
+    # Dr. GRPO's constant is max_completion_length, not the batch's padded length (6 here)
+    "dr_grpo-max-len": (dict(loss_type="dr_grpo", max_completion_length=10), {}, {}),
+    # a generation batch over 4 optimizer micro-steps, accumulated over 2: num_items / P * GA / spg
+    "dapo-spg4": (dict(loss_type="dapo", steps_per_generation=4), {}, {}),
+    "vespo-spg4": (dict(loss_type="vespo", steps_per_generation=4, beta=0.1), {}, {}),
 }
 
 
@@ -344,6 +373,28 @@ def test_advantages_match_trl(checkpoint, tmp_path, scale):
     want, got = outputs
     assert torch.equal(want["completion_ids"], got["completion_ids"])
     assert None in SCORED[-1] and any(r is not None for r in SCORED[-1])  # both kinds of rows in the batch
+    torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-5, atol=1e-6)
+    assert want["advantages"].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_advantages_with_several_reward_functions_match_trl(checkpoint, tmp_path, scale):
+    """Two weighted reward functions, each returning None for some rows: TRL sums the others' rewards there
+    (nansum) and leaves a row out only where every function returned None."""
+    prompts = [{"prompt": p} for p in ["1 2 3", "4 5", "6 7", "8 9 1"] for _ in range(4)]
+    outputs = []
+    for cls in (trl.GRPOTrainer, GRPOTrainer):
+        trainer = build(cls, checkpoint, tmp_path, scale_rewards=scale, per_device_train_batch_size=16,
+                        max_completion_length=5, temperature=1.5, reward_funcs=[first_of_two, second_of_two],
+                        reward_weights=[1.0, 0.7])
+        torch.manual_seed(7)
+        PAIRED.clear()
+        outputs.append(trainer._generate_and_score_completions(prompts))
+    want, got = outputs
+    assert torch.equal(want["completion_ids"], got["completion_ids"])
+    rewards = dict(PAIRED[-2:])
+    pairs = [(a is None, b is None) for a, b in zip(rewards["first"], rewards["second"])]
+    assert set(pairs) == {(False, False), (True, False), (False, True), (True, True)}  # every kind of row
     torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-5, atol=1e-6)
     assert want["advantages"].abs().max() > 0.1
 

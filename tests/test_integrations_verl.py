@@ -127,6 +127,21 @@ def test_policy_loss_matches_verl(name, mode, info, is_weights):
     assert want[1].abs().max() > 0 and want[0] != 0
 
 
+@pytest.mark.parametrize("info", [LOCAL, GLOBAL], ids=["local", "global"])
+@pytest.mark.parametrize("name", ["ppo", "cispo", "dro"])
+def test_loss_scale_factor_matches_verl(name, info):
+    """ActorConfig.loss_scale_factor (seq-mean-token-sum-norm's constant, instead of the padded length R = 7), with
+    local and global counts, verl's KL and entropy terms on top: verl's loss and gradient."""
+    verl_mode, actor, policy = PAIRS[name]
+    actor = {**actor, "loss_scale_factor": 16}
+    mode = "seq-mean-token-sum-norm"
+    want = run_ppo_loss(verl_mode, mode, info, actor=actor, policy=policy, kl=True, entropy=True)
+    got = run_ppo_loss(rv.PREFIX + name, mode, info, actor=actor, policy=policy, kl=True, entropy=True)
+    assert_same(got, want)
+    padded = run_ppo_loss(verl_mode, mode, info, actor=PAIRS[name][1], policy=policy, kl=True, entropy=True)
+    assert not torch.allclose(padded[1], want[1])  # the factor changes the gradient: this case tests it
+
+
 def test_ppo_metrics_match_verl():
     verl_mode, actor, policy = PAIRS["ppo"]
     want = run_ppo_loss(verl_mode, "token-mean", LOCAL, actor=actor)[2]
@@ -208,13 +223,14 @@ def test_vespo_loss_is_rlloss_vespo():
 UIDS = np.array(["b", "a", "b", "c", "a", "b", "d", "a", "c"], dtype=object)  # d alone; groups interleaved
 
 
-def estimator_inputs(seed=0):
+def estimator_inputs(seed=0, signed=False):
+    """Token rewards and mask; ``signed``: scores -1, 0, 1 instead of 0, 1, 2 (negative rewards)."""
     g = torch.Generator().manual_seed(seed)
     n = len(UIDS)
     lengths = torch.tensor([4, 1, 3, 4, 2, 4, 3, 1, 2])
     mask = (torch.arange(4)[None] < lengths[:, None]).float()
     rewards = torch.zeros(n, 4)
-    scores = torch.randint(0, 3, (n,), generator=g).float()
+    scores = torch.randint(0, 3, (n,), generator=g).float() - (1.0 if signed else 0.0)
     scores[3] = scores[8]  # group c all equal
     rewards[torch.arange(n), lengths - 1] = scores
     rewards = rewards + 0.1 * torch.rand(n, 4, generator=g) * mask  # token rewards for the token estimators
@@ -231,10 +247,13 @@ def test_every_estimator_is_tested():
     assert sorted(rv.ESTIMATORS) == sorted(ESTIMATOR_NAMES)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["scores>=0", "signed-scores"])
 @pytest.mark.parametrize("name", ESTIMATOR_NAMES)
-def test_estimators_match_verl(name):
+def test_estimators_match_verl(name, signed):
     _, verl_name = rv.ESTIMATORS[name]
-    rewards, mask = estimator_inputs()
+    rewards, mask = estimator_inputs(signed=signed)
+    if signed:  # rows whose summed reward is negative (GPG's alpha counts them as signal)
+        assert (rewards.sum(-1) < 0).any()
     config = AlgoConfig(gamma=0.9, norm_adv_by_std_in_grpo=name != "dr_grpo")
     kwargs = dict(response_mask=mask, index=UIDS, config=config)
     if name == "remax":

@@ -35,6 +35,11 @@ def logprobs_and_grads(logits, ids, temperature, backend, w_logp, w_ent):
        scale=st.sampled_from([0.0, 1.0, 30.0]), temperature=st.sampled_from([1.0, 0.6, 1.7]), seed=st.integers(0, 2**31 - 1))
 @example(b=1, t=1, v=1, dtype=torch.float32, scale=1.0, temperature=1.0, seed=0)
 @example(b=2, t=3, v=4097, dtype=torch.bfloat16, scale=300.0, temperature=1.0, seed=1)
+# written out, whatever hypothesis draws: spread-out softmaxes (the entropy's gradient is not ~0), temperatures
+# below and above 1, one vocabulary block and several
+@example(b=2, t=3, v=37, dtype=torch.float32, scale=1.0, temperature=0.6, seed=2)
+@example(b=1, t=4, v=4097, dtype=torch.float32, scale=1.0, temperature=1.7, seed=3)
+@example(b=3, t=2, v=255, dtype=torch.float16, scale=30.0, temperature=1.0, seed=4)
 def test_triton_matches_reference(b, t, v, dtype, scale, temperature, seed):
     if dtype == torch.float16:
         scale = min(scale, 30.0)
@@ -109,6 +114,12 @@ def loss_inputs(b, t, v, dtype, seed):
            {"aggregation": "constant", "max_tokens": 16, "level": "sequence"},
            {"eps_high": 0.28, "dual_clip": 3.0, "entropy_coef": 0.1},
        ]))
+@example(b=3, t=5, v=37, dtype=torch.float32, seed=1,
+         options={"aggregation": "seq_mean_token_mean", "entropy_coef": 0.01, "temperature": 0.7})
+@example(b=2, t=4, v=4097, dtype=torch.bfloat16, seed=2, options={"eps_high": 0.28, "dual_clip": 3.0,
+                                                                  "entropy_coef": 0.1})
+@example(b=4, t=3, v=129, dtype=torch.float32, seed=3,
+         options={"aggregation": "constant", "max_tokens": 16, "level": "sequence"})
 def test_policy_loss_from_logits_matches_reference(b, t, v, dtype, seed, options):
     logits, ids, old, adv, mask = loss_inputs(b, t, v, dtype, seed)
     ref, ref_grad = from_logits(logits, ids, old, adv, mask, "torch", **options)
@@ -236,3 +247,125 @@ def test_a_one_element_count_gives_a_0d_loss_with_the_entropy_bonus(backend):
                                                backend=backend).loss
     assert as_tensor.shape == torch.Size([])
     assert_close(as_tensor, as_number, torch.float32)
+
+
+# --- the entropy bonus with global counts and dp_size, against a float64 loop written from SPEC --------------
+
+
+def _oracle_loss_with_entropy(logits: torch.Tensor, ids, old, adv, mask, *, temperature, entropy_coef, eps_low,
+                              eps_high, level, aggregation, num_tokens=None, num_seqs=None, max_tokens=None,
+                              dp_size=1) -> torch.Tensor:
+    """SPEC's ``policy_loss_from_logits`` for PPO, one 0-d float64 tensor per token (autograd gives the gradient):
+    ``z = logits / T``, ``logp = z_id - lse``, ``H = lse - sum p z``, the clipped surrogate (GSPO at
+    ``level="sequence"``), ``agg(l) - entropy_coef * agg(H)``, times ``dp_size``."""
+    B, T, V = logits.shape
+    m = mask.tolist()
+    logp, ent = {}, {}
+    for i in range(B):
+        for t in range(T):
+            if not m[i][t]:
+                continue
+            z = [logits[i, t, v] / temperature for v in range(V)]
+            top = max(float(x.detach()) for x in z)
+            s = sum(torch.exp(x - top) for x in z)
+            lse = top + torch.log(s)
+            logp[i, t] = z[int(ids[i, t])] - lse
+            ent[i, t] = lse - sum(torch.exp(x - lse) * x for x in z)
+    zero = torch.zeros((), dtype=torch.float64)
+    surrogate = {}
+    for (i, t), lp in logp.items():
+        if level == "sequence":
+            row = [(i, u) for u in range(T) if m[i][u]]
+            mean = sum(float(logp[k].detach()) - float(old[k]) for k in row) / len(row)
+            d = lp - lp.detach() + mean
+        else:
+            d = lp - float(old[i, t])
+        r = torch.exp(torch.clamp(d, -20.0, 20.0))
+        a = float(adv[i])
+        clipped = torch.clamp(r, 1 - eps_low, 1 + eps_high)
+        surrogate[i, t] = -torch.minimum(r * a, clipped * a)
+
+    def aggregate(per_token: dict) -> torch.Tensor:
+        n = [sum(m[i]) for i in range(B)]
+        n_seq = B if num_seqs is None else num_seqs
+        total = sum(per_token.values(), zero)
+        if aggregation == "token_mean":
+            return total / (sum(n) if num_tokens is None else num_tokens)
+        if aggregation == "seq_mean_token_mean":
+            return sum((sum(per_token[i, t] for t in range(T) if m[i][t]) / n[i] for i in range(B) if n[i]),
+                       zero) / n_seq
+        if aggregation == "seq_mean_token_sum":
+            return total / n_seq
+        if aggregation == "constant":
+            return total / (n_seq * max_tokens)
+        return total  # token_sum
+
+    return (aggregate(surrogate) - entropy_coef * aggregate(ent)) * dp_size
+
+
+ENTROPY_BONUS_CASES = [
+    dict(aggregation="token_mean", num_tokens=23, dp_size=3),
+    dict(aggregation="seq_mean_token_mean", num_seqs=5, dp_size=3),
+    dict(aggregation="seq_mean_token_sum", dp_size=2),
+    dict(aggregation="constant", max_tokens=6, num_seqs=4, dp_size=3),
+    dict(aggregation="token_sum", dp_size=2),
+    dict(aggregation="token_mean", dp_size=3, level="sequence"),  # a row statistic: the general path
+]
+
+
+def _entropy_bonus_problem(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, V = 3, 5, 7
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 2
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]], dtype=torch.bool)
+    old = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0] + 0.4 * torch.randn(B, T, generator=gen,
+                                                                                                 dtype=torch.float64)
+    old = old.clamp(max=-1e-3)  # a log-probability
+    adv = torch.tensor([1.2, -0.7, 0.5], dtype=torch.float64)
+    return logits, ids, old, adv, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(ENTROPY_BONUS_CASES)))
+def test_entropy_bonus_with_counts_and_dp_size_matches_a_float64_loop(backend, case):
+    """``policy_loss_from_logits`` with an entropy bonus under ``dp_size > 1`` and global counts: loss and logits'
+    gradient against the float64 loop (the bonus aggregated with the loss's normaliser and multiplied by
+    ``dp_size`` like it)."""
+    options = dict(ENTROPY_BONUS_CASES[case])
+    logits, ids, old, adv, mask = _entropy_bonus_problem(30 + case)
+    kw = {"temperature": 0.8, "entropy_coef": 0.3, "eps_low": 0.2, "eps_high": 0.28, "level": "token", **options}
+    x64 = logits.clone().requires_grad_(True)
+    want = _oracle_loss_with_entropy(x64, ids, old, adv, mask, **kw)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    x = logits.float().to(DEVICE).requires_grad_(True)
+    got = rlloss.policy_loss_from_logits(x, ids.to(DEVICE), old.float().to(DEVICE), adv.float().to(DEVICE),
+                                         mask.to(DEVICE), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(got.loss, x)
+    torch.testing.assert_close(got.loss.detach().double().cpu(), want.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [0, 1, 3, 5])
+def test_entropy_bonus_from_hidden_with_counts_and_dp_size_matches_a_float64_loop(backend, case):
+    """The same from hidden states and an LM head with a bias (the fused loss path forms the bonus's gradient
+    with the aggregation's per-token weight; GSPO takes the general path): loss and every gradient."""
+    options = dict(ENTROPY_BONUS_CASES[case])
+    _, ids, old, adv, mask = _entropy_bonus_problem(40 + case)
+    gen = torch.Generator().manual_seed(41 + case)
+    hidden = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(7, generator=gen, dtype=torch.float64)
+    kw = {"temperature": 0.8, "entropy_coef": 0.3, "eps_low": 0.2, "eps_high": 0.28, "level": "token", **options}
+    leaves64 = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    want = _oracle_loss_with_entropy(leaves64[0] @ leaves64[1].T + leaves64[2], ids, old, adv, mask, **kw)
+    want_grads = torch.autograd.grad(want, leaves64)
+    leaves = [x.float().to(DEVICE).requires_grad_(True) for x in (hidden, weight, bias)]
+    got = rlloss.policy_loss_from_hidden(leaves[0], leaves[1], ids.to(DEVICE), old.float().to(DEVICE),
+                                         adv.float().to(DEVICE), mask.to(DEVICE), bias=leaves[2], backend=backend,
+                                         max_tile_bytes=4 * 7 * 4, **kw)  # tiles of 4 tokens: 4 chunks
+    grads = torch.autograd.grad(got.loss, leaves)
+    torch.testing.assert_close(got.loss.detach().double().cpu(), want.detach(), rtol=2e-5, atol=1e-6)
+    for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=2e-5, atol=1e-5, msg=name)

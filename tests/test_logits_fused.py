@@ -86,3 +86,60 @@ def test_masked_positions_are_never_read(inplace):
     assert torch.equal(l0, l1) and torch.equal(h0, h1)
     assert torch.equal(g0, g1)
     assert bool((g1[~mask] == 0).all())
+
+
+# V = 3 * 4096 + 5: three full vocabulary chunks of MAX_BLOCK_V and a partial fourth. Row k holds its largest
+# logit in chunk k, so the running max grows at chunk k and the sums of the chunks before are moved onto it
+# (at V = 4097 the maximum is almost never the one logit of the second chunk).
+CHUNKED_V = 3 * 4096 + 5
+PEAK_COLUMNS = (17, 4096 + 1000, 2 * 4096 + 4095, 3 * 4096 + 4)  # one in each chunk, the last one partial
+
+
+def _peak_in_each_chunk(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, 4, V]`` logits whose row k peaks (by +9) in chunk k, and ids."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(1, len(PEAK_COLUMNS), CHUNKED_V, generator=gen)
+    for row, col in enumerate(PEAK_COLUMNS):
+        logits[0, row, col] = logits[0, row].max() + 9.0
+    ids = torch.tensor([[PEAK_COLUMNS[0], 5, PEAK_COLUMNS[2], CHUNKED_V - 1]])
+    return logits, ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_and_its_gradient_when_the_maximum_is_in_a_later_chunk(temperature):
+    """Logp, entropy and d(entropy + logp)/d logits of the Triton path against fp64 ``log_softmax`` for rows whose
+    maximum lies in vocabulary chunk 0, 1, 2 and the partial chunk 3."""
+    from rlloss.kernels.logits import MAX_BLOCK_V
+
+    assert CHUNKED_V > 3 * MAX_BLOCK_V  # the chunks this test is about
+    logits, ids = _peak_in_each_chunk(21)
+    for r, col in enumerate(PEAK_COLUMNS):
+        assert int(logits[0, r].argmax()) // MAX_BLOCK_V == r  # row r's maximum in chunk r
+    leaf = logits.clone().requires_grad_(True)
+    logp, entropy = rlloss.token_logprobs(leaf, ids, temperature=temperature, return_entropy=True, backend="triton")
+    (grad,) = torch.autograd.grad(logp.sum() + entropy.sum(), leaf)
+    x64 = logits.double().requires_grad_(True)
+    lsm = torch.log_softmax(x64 / temperature, -1)
+    logp64, entropy64 = lsm.gather(-1, ids[..., None])[..., 0], -(lsm.exp() * lsm).sum(-1)
+    (grad64,) = torch.autograd.grad(logp64.sum() + entropy64.sum(), x64)
+    torch.testing.assert_close(entropy.double(), entropy64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp.double(), logp64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-5)  # |z| up to 20: p rounds to 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_hidden_path_entropy_when_the_maximum_is_in_a_later_chunk(temperature):
+    """The same rows from hidden states and an LM head with a bias (its tile epilogue runs the same chunked
+    statistics with the bias added): logp and entropy against fp64 on the same logits."""
+    logits, ids = _peak_in_each_chunk(22)
+    # logits = hidden @ weight.T + bias with hidden = e_r (one-hot rows): weight's columns carry the logits
+    n = len(PEAK_COLUMNS)
+    hidden = torch.eye(n)
+    bias = 0.5 * torch.randn(CHUNKED_V, generator=torch.Generator().manual_seed(23))
+    weight = (logits[0] - bias).T.contiguous()  # [V, n]
+    logp, entropy = rlloss.linear_token_logprobs(hidden, weight, ids[0], bias=bias, temperature=temperature,
+                                                 return_entropy=True, backend="triton")
+    z = (hidden.double() @ weight.double().T + bias.double()) / temperature
+    lsm = torch.log_softmax(z, -1)
+    torch.testing.assert_close(entropy.double(), -(lsm.exp() * lsm).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp.double(), lsm.gather(-1, ids[0][:, None])[:, 0], rtol=1e-5, atol=1e-5)

@@ -230,8 +230,10 @@ def kl_token(lp, ref, kind):
 # ----------------------------------------------------------------------------------------------
 
 
-def oracle_loss(pb: Problem, leaf: torch.Tensor, objective: str, params: dict, mods: dict, weights, binds: Binds):
-    """SPEC's ``policy_loss`` for ``objective`` (a name of this file) with ``params``, token by token."""
+def oracle_loss(pb: Problem, leaf: torch.Tensor, objective: str, params: dict, mods: dict, weights, binds: Binds,
+                per_token_out: dict | None = None):
+    """SPEC's ``policy_loss`` for ``objective`` (a name of this file) with ``params``, token by token;
+    ``per_token_out`` (a dict) receives each valid token's loss, keyed ``(i, t)`` (GMPO: each row's, ``i``)."""
     B, T = pb.mask.shape
     m = [[bool(pb.mask[i, t]) for t in range(T)] for i in range(B)]
     n = [sum(row) for row in m]
@@ -277,6 +279,8 @@ def oracle_loss(pb: Problem, leaf: torch.Tensor, objective: str, params: dict, m
                 log_rho = log_rho + dm
                 abar += a[i][t]
             row = -(abar / n[i]) * torch.exp(log_rho / n[i])
+            if per_token_out is not None:
+                per_token_out[i] = row
             if weights is not None:
                 wi = (float(weights[i]) if weights.dim() == 1 else
                       math.exp(sum(math.log(float(weights[i, t]) + 1e-10) for t in range(T) if m[i][t]) / n[i]))
@@ -341,7 +345,7 @@ def oracle_loss(pb: Problem, leaf: torch.Tensor, objective: str, params: dict, m
             elif objective == "clip_cov":
                 r = torch.exp(clamp(x - o, -MLR, MLR))
                 l1 = -ai * r
-                l2 = -ai * clamp(r, 1 - params["eps_low"], 1 + params["eps_low"])
+                l2 = -ai * clamp(r, 1 - params["eps_low"], 1 + params.get("eps_high", params["eps_low"]))
                 candidate = v(l2) <= v(l1) and params["cov_low"] < cov[(i, t)] < params["cov_high"]
                 binds(candidate)
                 surrogate = zero if candidate else larger(l1, l2)
@@ -355,6 +359,8 @@ def oracle_loss(pb: Problem, leaf: torch.Tensor, objective: str, params: dict, m
                 loss = loss + kl
             per_token[i, t] = loss
 
+    if per_token_out is not None:
+        per_token_out.update(per_token)
     agg = mods["aggregation"]
     total = sum(per_token.values(), zero)
     n_seq = B if mods["num_seqs"] is None else mods["num_seqs"]
@@ -401,12 +407,10 @@ CASES = {
 MIN_BIND_SHARE = {"reinforce": 0.3, "dro": 0.1, "kl_cov": 0.25, "clip_cov": 0.15}
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@given(data=st.data())
-def test_policy_loss_matches_the_oracle(name, data):
+def check_policy_loss(name: str, pb: Problem, mods: dict) -> bool:
+    """``policy_loss`` (reference) against the oracle, loss and gradient; False (nothing checked) where
+    the oracle's selection is a tie SPEC leaves open."""
     objective, params, _ = CASES[name]
-    pb = data.draw(problems(name), label="problem")
-    mods = data.draw(modifiers(per_row=name == "gmpo"), label="modifiers")
     B, T = pb.mask.shape
     gen = torch.Generator().manual_seed(B * 31 + T)
     weights = {None: None, "row": 0.5 + torch.rand(B, generator=gen, dtype=F64),
@@ -415,7 +419,8 @@ def test_policy_loss_matches_the_oracle(name, data):
     leaf = pb.logp.clone().requires_grad_(True)
     binds = Binds()
     expected = oracle_loss(pb, leaf, name, params, mods, weights, binds)
-    assume(not binds.ambiguous)
+    if binds.ambiguous:
+        return False
     expected_grad = (torch.autograd.grad(expected, leaf, allow_unused=True, materialize_grads=True)[0]
                      if expected.requires_grad else torch.zeros_like(leaf))  # every token clipped: no path
 
@@ -431,32 +436,62 @@ def test_policy_loss_matches_the_oracle(name, data):
     what = f"{name} {mods} B={B} T={T} mask={pb.mask.tolist()}"
     assert_close(out.loss.detach().cpu(), expected.detach(), F64, what=f"loss: {what}")
     assert_close(grad.cpu(), expected_grad, F64, what=f"gradient: {what}")
+    return True
 
+
+@pytest.mark.parametrize("name", list(CASES))
+@given(data=st.data())
+def test_policy_loss_matches_the_oracle(name, data):
+    pb = data.draw(problems(name), label="problem")
+    mods = data.draw(modifiers(per_row=name == "gmpo"), label="modifiers")
+    assume(check_policy_loss(name, pb, mods))
+
+
+# Written-out cases, whatever hypothesis draws: every aggregation with and without its count, every KL kind
+# with and without bias correction, token weights per row and per token, dp_size. (aggregation, beta, kl,
+# kl_bias_correction, token_weights, num_tokens, num_seqs, dp_size)
+FIXED_MODS = [
+    ("token_mean", 0.04, "k3", False, None, 40.0, None, 3),
+    ("seq_mean_token_mean", 0.7, "k2", True, "row", None, 7.5, 1),
+    ("seq_mean_token_sum", 0.04, "k1+", False, "token", None, 3, 3),
+    ("constant", 0.7, "k3+", True, "token", None, None, 1),
+    ("token_sum", 0.04, "abs", True, None, None, None, 3),
+    ("token_mean", 0.7, "k1", False, "row", 5, None, 1),
+    ("seq_mean_token_mean", 0.04, "abs+", False, "token", None, None, 1),
+]
+
+
+def fixed_mods(k: int, per_row: bool) -> dict:
+    names = ("aggregation", "beta", "kl", "kl_bias_correction", "token_weights", "num_tokens", "num_seqs", "dp_size")
+    mods = {**dict(zip(names, FIXED_MODS[k])), "max_tokens": 9}
+    if per_row:  # GMPO: its one aggregation
+        mods["aggregation"] = "seq_mean_token_mean"
+    return mods
+
+
+@pytest.mark.parametrize("k", range(len(FIXED_MODS)))
+@pytest.mark.parametrize("name", list(CASES))
+def test_policy_loss_matches_the_oracle_fixed(name, k):
+    """The property above on written-out problems (B=4, T=8, an empty row) and modifiers."""
+    _, _, draws = CASES[name]
+    seed = 100 + k
+    pb = make_problem(seed, 4, 8, per_token_adv=k % 2 == 1 or name == "kl_cov", **draws)
+    pb.mask[2] = False  # an empty row: N_seq counts it, the seq-mean modes' rows do not
+    assert check_policy_loss(name, pb, fixed_mods(k, name == "gmpo")), "a tie in KL-Cov's selection: another seed"
 
 
 # The fused kernel runs these (KL-Cov and Clip-Cov are the reference's alone).
 FUSED = [name for name in CASES if name not in ("kl_cov", "clip_cov")]
 
 
-@pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", FUSED)
-@given(data=st.data())
-def test_fused_kernel_matches_the_oracle(name, data):
-    """The kernel against the oracle, not against the reference: fp32 inputs (the oracle reads the
-    same rounded values in float64), ``token_sum`` so the loss is a plain sum (GMPO, per row:
-    ``seq_mean_token_mean``, its only aggregation). The loss is compared
-    relative to the sum of |terms|, each gradient element relative to |surrogate part| + |KL part|."""
+def check_fused_kernel(name: str, pb32: Problem, mods: dict) -> bool:
+    """The fused kernel against the oracle on ``pb32`` rounded to fp32; False where the oracle is ambiguous."""
     objective, _, _ = CASES[name]
-    pb32 = data.draw(problems(name), label="problem")
     pb = Problem(*(x.float().double() if x.is_floating_point() else x
                    for x in (pb32.logp, pb32.old, pb32.ref, pb32.adv, pb32.mask)))
-    aggregation = "seq_mean_token_mean" if name == "gmpo" else "token_sum"
-    mods = {"aggregation": aggregation, "beta": data.draw(st.sampled_from([0.0, 0.04]), label="beta"),
-            "kl": data.draw(st.sampled_from(["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]), label="kl"),
-            "kl_bias_correction": data.draw(st.booleans(), label="kl_bias_correction"),
-            "num_tokens": None, "num_seqs": None, "max_tokens": 9, "dp_size": 1}
     expected, leaf, binds = run_oracle(name, pb, mods)
-    assume(not binds.ambiguous)
+    if binds.ambiguous:
+        return False
     grad_of = lambda loss, x: (torch.autograd.grad(loss, x, allow_unused=True, materialize_grads=True)[0]  # noqa: E731
                                if loss.requires_grad else torch.zeros_like(x))
     expected_grad = grad_of(expected, leaf)
@@ -467,13 +502,113 @@ def test_fused_kernel_matches_the_oracle(name, data):
     f32 = lambda x: x.float().to(DEVICE)  # noqa: E731
     x = f32(pb.logp).requires_grad_(True)
     out = rlloss.policy_loss(x, f32(pb.old), f32(pb.adv), pb.mask.to(DEVICE), objective=objective,
-                             ref_logp=f32(pb.ref), aggregation=aggregation, beta=mods["beta"], kl=mods["kl"],
+                             ref_logp=f32(pb.ref), aggregation=mods["aggregation"], beta=mods["beta"], kl=mods["kl"],
                              kl_bias_correction=mods["kl_bias_correction"], backend="triton")
     (grad,) = torch.autograd.grad(out.loss, x)
     what = f"{name} {mods} mask={pb.mask.tolist()}"
     assert_close(out.loss.detach().double().cpu(), expected.detach(), torch.float32, scale=binds.magnitude,
                  what=f"loss: {what}")
     assert_close(grad.double().cpu(), expected_grad, torch.float32, scale=magnitude, what=f"gradient: {what}")
+    return True
+
+
+def fused_mods(name: str, beta: float, kl: str, kl_bias_correction: bool) -> dict:
+    """``token_sum`` so the loss is a plain sum (GMPO, per row: ``seq_mean_token_mean``, its only aggregation)."""
+    aggregation = "seq_mean_token_mean" if name == "gmpo" else "token_sum"
+    return {"aggregation": aggregation, "beta": beta, "kl": kl, "kl_bias_correction": kl_bias_correction,
+            "num_tokens": None, "num_seqs": None, "max_tokens": 9, "dp_size": 1}
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", FUSED)
+@given(data=st.data())
+def test_fused_kernel_matches_the_oracle(name, data):
+    """The kernel against the oracle, not against the reference: fp32 inputs (the oracle reads the
+    same rounded values in float64). The loss is compared relative to the sum of |terms|, each
+    gradient element relative to |surrogate part| + |KL part|."""
+    pb32 = data.draw(problems(name), label="problem")
+    mods = fused_mods(name, data.draw(st.sampled_from([0.0, 0.04]), label="beta"),
+                      data.draw(st.sampled_from(["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]), label="kl"),
+                      data.draw(st.booleans(), label="kl_bias_correction"))
+    assume(check_fused_kernel(name, pb32, mods))
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("beta, kl, kl_bias_correction", [(0.0, "k3", False), (0.04, "k2", True), (0.04, "k3+", False)])
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_kernel_matches_the_oracle_fixed(name, beta, kl, kl_bias_correction):
+    """The property above on written-out problems, per-token and per-row advantages."""
+    _, _, draws = CASES[name]
+    pb = make_problem(200 + len(kl) + int(kl_bias_correction), 4, 8, per_token_adv=kl_bias_correction, **draws)
+    assert check_fused_kernel(name, pb, fused_mods(name, beta, kl, kl_bias_correction))
+
+
+# Each public per-token function with every field off its default: (function, its keywords, the oracle's
+# objective and parameters, make_problem's options)
+SURROGATE_FUNCTIONS = {
+    "clipped_surrogate": (rlloss.clipped_surrogate, dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, delta=1.5),
+                          "ppo_delta_dual", dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, delta=1.5), {}),
+    # delta = 1.5 caps a negative advantage's loss before the dual clip 3 could: the dual clip alone here
+    "clipped_surrogate-dual_clip": (rlloss.clipped_surrogate, dict(eps_low=0.1, eps_high=0.2, dual_clip=2.0), "ppo",
+                                    dict(eps_low=0.1, eps_high=0.2, dual_clip=2.0), {}),
+    "clipped_surrogate-sequence": (rlloss.clipped_surrogate, dict(eps_low=0.1, eps_high=0.15, level="sequence"),
+                                   "gspo", dict(eps_low=0.1, eps_high=0.15), {"row_regions": True}),
+    "cispo_surrogate": (rlloss.cispo_surrogate, dict(low=0.8, high=1.3), "cispo", dict(low=0.8, high=1.3), {}),
+    "sapo_surrogate": (rlloss.sapo_surrogate, dict(tau_pos=0.7, tau_neg=1.4), "sapo", dict(tau_pos=0.7, tau_neg=1.4),
+                       {}),
+    "reinforce_surrogate": (rlloss.reinforce_surrogate, {}, "reinforce", {}, {}),
+    "dppo_surrogate-tv": (rlloss.dppo_surrogate, dict(divergence="tv", low=0.1, high=0.15, weight_cap=2.0), "dppo_tv",
+                          dict(divergence="tv", low=0.1, high=0.15, weight_cap=2.0), {"probability_like": True}),
+    "dppo_surrogate-kl": (rlloss.dppo_surrogate, dict(divergence="kl", low=0.03, high=0.3, weight_cap=1.5), "dppo_kl",
+                          dict(divergence="kl", low=0.03, high=0.3, weight_cap=1.5), {"probability_like": True}),
+    "dro_surrogate": (rlloss.dro_surrogate, dict(beta=0.3), "dro", dict(beta=0.3), {}),
+    "vespo_surrogate": (rlloss.vespo_surrogate, dict(k_pos=2.5, lam_pos=3.5, k_neg=1.5, lam_neg=2.0), "vespo",
+                        dict(k_pos=2.5, lam_pos=3.5, k_neg=1.5, lam_neg=2.0), {"row_regions": True}),
+    "gmpo_surrogate": (rlloss.gmpo_surrogate, dict(log_clip_low=0.4, log_clip_high=0.3), "gmpo",
+                       dict(log_clip_low=0.4, log_clip_high=0.3), {}),
+    "kl_cov_surrogate": (rlloss.kl_cov_surrogate, dict(ratio=0.3, coef=0.5), "kl_cov", dict(ratio=0.3, coef=0.5), {}),
+    "clip_cov_surrogate": (rlloss.clip_cov_surrogate, dict(ratio=1.0, cov_low=-0.5, cov_high=2.0, eps_low=0.2,
+                                                           eps_high=0.3),
+                           "clip_cov", dict(ratio=1.0, cov_low=-0.5, cov_high=2.0, eps_low=0.2, eps_high=0.3), {}),
+}
+REFERENCE_ONLY_SURROGATES = ("gmpo_surrogate", "kl_cov_surrogate", "clip_cov_surrogate")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("function", list(SURROGATE_FUNCTIONS))
+def test_surrogate_functions_match_the_oracle_per_token(function, backend):
+    """Every public ``*_surrogate`` function with each of its fields off the default: per-token loss (GMPO: per
+    row) and the gradient of a weighted sum of it, against the oracle's tokens."""
+    if backend == "triton" and function in REFERENCE_ONLY_SURROGATES:
+        pytest.skip("reference only (a per-row loss or a selection over the whole call)")
+    fn, kwargs, name, params, draws = SURROGATE_FUNCTIONS[function]
+    pb = make_problem(300 + len(function), 4, 8, per_token_adv=name == "kl_cov", **draws)
+    pb.mask[1, :3] = True  # no empty row: every row has a value to compare
+    leaf = pb.logp.clone().requires_grad_(True)
+    tokens: dict = {}
+    binds = Binds()
+    mods = {"aggregation": "token_sum", "beta": 0.0, "kl": "k3", "kl_bias_correction": False, "num_tokens": None,
+            "num_seqs": None, "max_tokens": 9, "dp_size": 1}
+    oracle_loss(pb, leaf, name, params, mods, None, binds, per_token_out=tokens)
+    assert not binds.ambiguous and binds.count > 0  # something binds: the fields matter here
+    B, T = pb.mask.shape
+    gen = torch.Generator().manual_seed(5)
+    cot = torch.rand(B if name == "gmpo" else (B, T), generator=gen, dtype=F64) + 0.5
+    zero = const(0.0)
+    if name == "gmpo":
+        want = torch.stack([tokens.get(i, zero) for i in range(B)])
+    else:
+        want = torch.stack([torch.stack([tokens.get((i, t), zero) for t in range(T)]) for i in range(B)])
+    weighted = (want * cot).sum()
+    want_grad = (torch.autograd.grad(weighted, leaf, allow_unused=True, materialize_grads=True)[0]
+                 if weighted.requires_grad else torch.zeros_like(leaf))
+    dtype = F64 if backend == "torch" else torch.float32
+    x = pb.logp.to(DEVICE, dtype).requires_grad_(True)
+    got = fn(x, pb.old.to(DEVICE, dtype), pb.adv.to(DEVICE, dtype), pb.mask.to(DEVICE), backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad((got * cot.to(got)).sum(), x)
+    tol = F64 if backend == "torch" else torch.float32
+    assert_close(got.detach().double().cpu(), want.detach(), tol, scale=float(want.detach().abs().max()), what=function)
+    assert_close(grad.double().cpu(), want_grad, tol, scale=float(want_grad.abs().max()), what=f"d {function}")
 
 
 def run_oracle(name: str, pb: Problem, mods: dict, weights=None) -> tuple[torch.Tensor, torch.Tensor, Binds]:
@@ -583,6 +718,20 @@ def test_group_advantages_match_the_oracle(backend, sizes, seed, reward_kind, ba
     """Groups of 1 to 5 in shuffled order; binary or few-valued rewards make ties and all-equal
     groups common. Values on both backends; float64 gradients of the reference where no std is 0
     (the derivative of a std at 0 does not exist)."""
+    check_group_advantages(backend, sizes, seed, reward_kind, baseline, scale, singleton, eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("baseline, scale, singleton", [
+    (baseline, scale, singleton) for baseline in ("mean", "loo") for scale in ("group", "batch", "none")
+    for singleton in ("zero", "keep")])
+def test_group_advantages_match_the_oracle_fixed(backend, baseline, scale, singleton):
+    """The property above on written-out groups: a singleton, groups of 2 to 4 in shuffled order, a tie."""
+    check_group_advantages(backend, [3, 1, 2, 4], 11, "few", baseline, scale, singleton, 1e-6)
+    check_group_advantages(backend, [2, 3, 1], 12, "continuous", baseline, scale, singleton, 0.5)
+
+
+def check_group_advantages(backend, sizes, seed, reward_kind, baseline, scale, singleton, eps):
     gen = torch.Generator().manual_seed(seed)
     ids = [g for g, size in enumerate(sizes) for _ in range(size)]
     order = torch.randperm(len(ids), generator=gen).tolist()
@@ -658,13 +807,31 @@ def oracle_passk(scores: list[float], ids: list[int], scale: str, eps: float) ->
        few_values=st.booleans(), scale=st.sampled_from(["group", "none"]))
 def test_passk_advantages_match_the_oracle(sizes, seed, few_values, scale):
     """Only the best of a group gets ``best - second``; a tie for the best gives the whole group 0."""
+    check_passk(sizes, seed, few_values, scale)
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+@pytest.mark.parametrize("sizes, seed, few_values", [([4, 3, 2], 3, True), ([2, 5, 3], 4, False), ([3, 3], 8, True)])
+def test_passk_advantages_match_the_oracle_fixed(sizes, seed, few_values, scale):
+    check_passk(sizes, seed, few_values, scale)
+    # written out: group 0 all negative (the runner-up below 0), group 1 a tie for the best, group 2 a tie below it
+    ids = [0, 1, 0, 2, 1, 2, 0, 1, 2]
+    scores = torch.tensor([-1.0, 2.0, -3.0, 1.0, 2.0, 1.0, -2.5, 0.5, 3.0], dtype=F64)
+    check_passk_values(ids, scores, torch.ones(9, 2, dtype=torch.bool), scale)
+
+
+def check_passk(sizes, seed, few_values, scale):
     gen = torch.Generator().manual_seed(seed)
     ids = [g for g, size in enumerate(sizes) for _ in range(size)]
     ids = [ids[k] for k in torch.randperm(len(ids), generator=gen).tolist()]
     n, t = len(ids), 3
     scores = (torch.randint(0, 3, (n,), generator=gen).to(F64) if few_values
               else torch.randn(n, generator=gen, dtype=F64))
-    mask = torch.rand(n, t, generator=gen) < 0.7
+    check_passk_values(ids, scores, torch.rand(n, t, generator=gen) < 0.7, scale)
+
+
+def check_passk_values(ids, scores, mask, scale):
+    n, t = mask.shape
     got = rlloss.passk_advantages(scores.to(DEVICE), torch.tensor(ids, device=DEVICE), mask.to(DEVICE), scale=scale)
     expected = oracle_passk(scores.tolist(), ids, scale, 1e-6)
     for i in range(n):

@@ -94,6 +94,22 @@ def test_microbatches_and_ranks_with_global_counts_sum_to_the_full_batch(backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_microbatches_and_ranks_with_global_counts_sum_to_the_full_batch_fixed(backend, aggregation):
+    """The property above on a written-out batch: 6 rows of different lengths, an empty one, per-sequence
+    advantages, off-policy and a k3 KL, split into three micro-batches of 1, 3 and 2 rows over two ranks."""
+    problem = make_problem(6, 11, torch.float32, seed=9, mask_kind="random", spread=0.3)
+    problem.mask[4] = False
+    kw = call_options(problem, {"aggregation": aggregation, "eps_high": 0.28, "beta": 0.04, "use_ref": True,
+                                **({"max_tokens": 7} if aggregation == "constant" else {})})
+    full, full_grad = loss_and_grad(problem, backend, **kw)
+    assert bool((full_grad != 0).any())
+    total, grad = split_loss_and_grad(problem, backend, kw, [[(0, 1), (4, 6)], [(1, 4)]])
+    assert_close(total, full.loss, torch.float32, scale=loss_magnitude(problem, kw), what=aggregation)
+    assert_close(grad, full_grad, problem.dtype, what=aggregation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("case", ["one_row", "all_masked", "zero_adv", "one_nonempty_row"])
 def test_microbatch_split_of_degenerate_batches(backend, aggregation, case):
     """The batches the split property no longer draws: one row (split into nothing), all masked and
