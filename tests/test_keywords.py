@@ -594,6 +594,7 @@ COVERED: dict[str, tuple[str, ...]] = {
                            "clip_cov_ratio clip_cov_lb dro_beta global_batch_size batch_num_tokens dp_size", VERL),
     **_each("verl config", "clip_ratio clip_cov_ub", VERL_MORE),
     **_each("verl config", "gamma norm_adv_by_std_in_grpo", VERL_ESTIMATORS),
+    **_each("verl config", "loss_scale_factor", "test_integrations_verl.py::test_loss_scale_factor_matches_verl"),
     **_each("verl policy loss", "loss_agg_mode rollout_is_weights", VERL),
     **_each("verl estimator", "index config reward_baselines", VERL_ESTIMATORS),
     **_each("verl loss_mode", "rlloss_ppo rlloss_gspo rlloss_cispo rlloss_sapo rlloss_reinforce rlloss_dppo_tv "
@@ -619,11 +620,7 @@ NOT_OPTIONS = {
 }
 """What the source reads that is not an option of its own: the containers of options."""
 
-PENDING = {
-    "verl config:loss_scale_factor": "its test against verl's seq-mean-token-sum-norm with local and global counts "
-                                     "is one of issue 26's gaps, written on another branch: name it here at the "
-                                     "merge and remove this entry",
-}
+PENDING: dict[str, str] = {}
 """Keywords whose test is known to be missing, with the reason: their check fails, as expected (strict)."""
 
 ORACLES = {
