@@ -64,6 +64,36 @@ def test_an_id_outside_the_vocabulary_at_a_valid_position_raises(backend, bad):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("block", [4, 1024])
+def test_the_id_check_kernel_counts_exactly_the_ids_outside_the_vocabulary(block):
+    """The kernel behind the GPU's device assert: count, least and greatest of the valid ids outside [0, V),
+    against numpy, with V itself (the off-by-one that reads past a row), -1, and huge ids at masked positions
+    (never counted); strided ids and several blocks. On the CPU the ValueError above comes from the host's
+    check, so this is the test that reads the kernel's own result."""
+    from rlloss.kernels.logits import _ids_in_vocab_kernel
+    from rlloss.kernels._common import as_bytes
+
+    V = 11
+    ids = torch.tensor([[0, V, 3, -1, V - 1, 7, V + 3], [2, 10**6, V, 5, -7, 1, 0]])
+    wide = torch.zeros(2, 14, dtype=torch.int64)
+    wide[:, ::2] = ids  # a time stride of 2
+    ids = wide[:, ::2]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 1], [1, 0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    x, m = ids.numpy(), mask.numpy()
+    bad = x[m & ((x < 0) | (x >= V))]
+    assert sorted(bad.tolist()) == [-1, V, V, V + 3]  # 10**6 and -7 are masked
+    out = torch.full((3,), -5, dtype=torch.int64)
+    mb = as_bytes(mask)
+    _ids_in_vocab_kernel[(1,)](ids, mb, out, ids.numel(), ids.shape[1], V, ids.stride(0), ids.stride(1),
+                               mb.stride(0), mb.stride(1), BLOCK=block)
+    assert out.tolist() == [bad.size, bad.min(), bad.max()]
+    out = torch.full((3,), -5, dtype=torch.int64)
+    clean = torch.where(mask, ids.clamp(0, V - 1), ids)
+    _ids_in_vocab_kernel[(1,)](clean, mb, out, ids.numel(), ids.shape[1], V, clean.stride(0), clean.stride(1),
+                               mb.stride(0), mb.stride(1), BLOCK=block)
+    assert out[0].item() == 0
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_masked_positions_are_never_read(inplace):
     """NaN logits and an id of -100 at masked positions change nothing, the gradient there is 0."""
