@@ -978,13 +978,14 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 raise SystemExit(f"the unmutated code fails {' '.join(tests)} ({detail}); fix that first")
         print(f"baseline: every test selection passes unmutated ({time.monotonic() - start:.0f} s)", flush=True)
-    print("| mutant | file | tests | result | seconds |\n|---|---|---|---|---|")
+    print("| mutant | bug it stands for | file | tests run | result | s |\n|---|---|---|---|---|---|")
     survived = 0
     for m in chosen:
         verdict, seconds, detail = apply(m, python_of(m), args.timeout, args.profile)
         survived += verdict != "killed"
         marker = "-m trainers " if m.trainers else ""
-        print(f"| `{m.name}` | {m.path} | {marker}{' '.join(m.tests)} | {verdict} | {seconds:.0f} |", flush=True)
+        print(f"| `{m.name}` | {m.why} | {m.path} | `{marker}{' '.join(m.tests)}` | {verdict} | {seconds:.0f} |",
+              flush=True)
         if verdict != "killed":
             print(f"    {detail}", file=sys.stderr)
     print(f"\n{len(chosen) - survived}/{len(chosen)} killed in {time.monotonic() - start:.0f} s")
