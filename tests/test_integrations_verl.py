@@ -144,6 +144,12 @@ def test_loss_scale_factor_matches_verl(name, info):
 
 def test_ppo_metrics_match_verl():
     verl_mode, actor, policy = PAIRS["ppo"]
+    # a low clip of 0.3: 2 valid tokens with A < 0 lie below it and 3 above the dual clip, so verl's
+    # pg_clipfrac_lower (the dual clip's fraction) cannot pass for the low clip's
+    actor = {**actor, "clip_ratio_low": 0.3}
+    mask, logp, old, adv = batch()[:4]
+    ratio, negative = (logp - old).exp(), mask & (adv < 0)
+    assert int((negative & (ratio < 0.7)).sum()) == 2 and int((negative & (ratio > actor["clip_ratio_c"])).sum()) == 3
     want = run_ppo_loss(verl_mode, "token-mean", LOCAL, actor=actor)[2]
     got = run_ppo_loss("rlloss_ppo", "token-mean", LOCAL, actor=actor)[2]
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/pg_loss"):

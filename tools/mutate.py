@@ -872,8 +872,9 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- rlloss.audit's trainer front ends ---------------------------------------------------------------------
     T("audit_trl_generation_window", "rlloss/audit/trl.py",
       "        start = (m // per_generation) * per_generation", "        start = m",
-      ("tests/test_audit_trainers.py", "-k", "docs_report_is_what_trl_measures"),
-      "audit_trl's num_items_in_batch counted over the wrong generation window (steps_per_generation)"),
+      ("tests/test_audit_trainers.py", "-k", "trl_loss_types and dapo"),
+      "audit_trl's num_items_in_batch counted over the wrong generation window (steps_per_generation; seen only "
+      "where a step spans two generations, GA > spg: the docs' GA=4, spg=8 case gives the same count)"),
     T("audit_verl_counts_dropped", "rlloss/audit/verl.py",
       '        tu.assign_non_tensor_data(data, "global_batch_size", window.num_seqs)',
       '        tu.assign_non_tensor_data(data, "global_batch_size", None)',
