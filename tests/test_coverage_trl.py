@@ -75,18 +75,7 @@ def test_an_objective_equal_to_the_loss_type_is_trls_loss(checkpoint, tmp_path, 
 
 def test_router_aux_loss_coef_of_the_config_matches_trl(checkpoint, tmp_path_factory):  # noqa: F811
     """A tiny Qwen2-MoE whose own coefficient is 0.1, trained with ``router_aux_loss_coef=0.3``: TRL's loss."""
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_qwen2_moe")
-    config = Qwen2MoeConfig(vocab_size=len(base.VOCAB), hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
-                            shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                            bos_token_id=1, router_aux_loss_coef=0.1)
-    torch.manual_seed(0)
-    Qwen2MoeForCausalLM(config).save_pretrained(path)
-    checkpoint[1].save_pretrained(path)
-    moe = (str(path), checkpoint[1])
+    moe = base.tiny_moe_checkpoint(checkpoint, tmp_path_factory)
     trainers = [base.build(cls, moe, tmp_path_factory.mktemp("out"), loss_type="grpo", router_aux_loss_coef=0.3)
                 for cls in (base.trl.GRPOTrainer, base.GRPOTrainer)]
     assert [t.router_aux_loss_coef for t in trainers] == [0.3, 0.3] and all(t.aux_loss_enabled for t in trainers)

@@ -580,10 +580,8 @@ def test_finite_where_trl_overflows(checkpoint, tmp_path, loss_type):
 
 
 @pytest.mark.filterwarnings(*HIDDEN_PATH_WARNINGS)
-@pytest.mark.parametrize("from_hidden", [False, True])
-def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory, from_hidden):
-    """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer (with
-    use_liger_kernel=True the auxiliary loss comes from the model's own forward)."""
+def tiny_moe_checkpoint(checkpoint, tmp_path_factory):
+    """A tiny Qwen2-MoE saved beside the test tokenizer (its own router_aux_loss_coef 0.1): ``(path, tokenizer)``."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_qwen2_moe")
@@ -595,7 +593,14 @@ def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory, from_hidde
     torch.manual_seed(0)
     Qwen2MoeForCausalLM(config).save_pretrained(path)
     checkpoint[1].save_pretrained(path)
-    moe = (str(path), checkpoint[1])
+    return str(path), checkpoint[1]
+
+
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_moe_auxiliary_loss_matches_trl(checkpoint, tmp_path_factory, from_hidden):
+    """A tiny Qwen2-MoE: TRL adds router_aux_loss_coef * aux / GA; so must rlloss's trainer (with
+    use_liger_kernel=True the auxiliary loss comes from the model's own forward)."""
+    moe = tiny_moe_checkpoint(checkpoint, tmp_path_factory)
     trainers = [build(trl.GRPOTrainer, moe, tmp_path_factory.mktemp("out"), loss_type="dapo"),
                 build(GRPOTrainer, moe, tmp_path_factory.mktemp("out"), loss_type="dapo", use_liger_kernel=from_hidden)]
     assert all(t.aux_loss_enabled for t in trainers)
