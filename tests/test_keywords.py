@@ -25,7 +25,13 @@ module checks, statically, on every run of the suite:
   ``dict(...)``, a ``"keyword": value`` entry, a parametrised argument, the keyword's position in a
   call, or, for an option's value (a ``loss_type``, a ``loss_mode``), the value itself; a literal
   equal to the default does not count. A test rewritten so that it no longer sets the keyword
-  fails here, by name.
+  fails here, by name. The check is a static reading, not a proof: a call counts as one of the
+  function's when the function is named at it, or when the called name was taken from a table
+  (``fn, kwargs = TABLE[name]``, a loop over one), never a parameter, an import or a local ``def``
+  or lambda; but a ``"keyword": value`` entry or a ``dict(keyword=value)`` counts wherever it
+  stands in that code, even in a table entry that belongs to another function with a keyword of the
+  same name (a ``low`` of CISPO's beside DPPO's). Whether a test compares with an oracle is the
+  registry's word (``ORACLES``), checked by review, not by this code.
 
 Why a registry read statically rather than a recorder at run time (a profiler hook noting the
 keywords each public call receives): a recorder sees only what a full run of both environments
@@ -33,7 +39,7 @@ executes, at a cost in every call of every test, and it cannot tell a test that 
 oracle from one that only runs the code; the registry names the evidence and its oracle where a
 reviewer reads them, and its check takes seconds in any run of this file. What it cannot see (a
 keyword set and then not reaching the arithmetic), branch coverage measured by CI and the
-mutation script see (``.ci/run``: at least 95% of the branches of ``rlloss/``).
+mutation script see (``.ci/run``: at least 95% of the statements and branches of ``rlloss/``).
 
 Two more lists, each entry with its reason: ``NOT_OPTIONS``, what the integrations' source reads
 that only carries options (verl's ``global_batch_info``); ``PENDING``, a keyword whose test is known
@@ -348,9 +354,11 @@ def _callee(call: ast.Call) -> str | None:
     return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
 
 
-FORWARDERS = {"dict", "replace", "partial", "given", "example"}
+FORWARDERS = {"dict", "replace", "partial", "given", "example", "ActorConfig", "AlgoConfig", "PolicyLossConfig",
+              "GRPOConfig"}
 """Calls whose keywords reach the function under test indirectly: a dict of options, ``dataclasses.replace``,
-hypothesis's ``@given``/``@example`` (the test's parameters, then passed on by name)."""
+hypothesis's ``@given``/``@example`` (the test's parameters, then passed on by name), the trainers' config
+classes (verl's and TRL's code under test reads its options from them)."""
 
 
 @functools.cache
@@ -368,11 +376,41 @@ def _helpers(ref: Ref) -> frozenset[str]:
                      if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in nodes))
 
 
+@functools.cache
+def _bound_functions(file: str) -> frozenset[str]:
+    """Names a test module binds to a known callable: every import (module level or local, of any package:
+    ``assume``, ``st``), every ``def`` at any depth and every ``name = lambda ...``. A call of one of them is
+    not a call of a function taken from a table."""
+    out = set()
+    for node in ast.walk(_tree(TESTS / file)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+            out.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return frozenset(out)
+
+
+@functools.cache
+def _table_bound(file: str) -> frozenset[str]:
+    """Names a test module binds from a table: ``fn, kwargs = TABLE[name]`` (any subscript) or ``for fn in ...``."""
+    out = set()
+    for node in ast.walk(_tree(TESTS / file)):
+        targets = (node.targets if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript) else
+                   [node.target] if isinstance(node, (ast.For, ast.comprehension)) else [])
+        for target in targets:
+            out.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return frozenset(out)
+
+
 def _indirect(call: ast.Call, file: str) -> bool:
-    """A call of a local name (``fn(...)`` with ``fn`` taken from a table or a parameter): the function is not
-    named at the call, so any keyword there may be the function's."""
-    return isinstance(call.func, ast.Name) and call.func.id not in _definitions(_tree(TESTS / file)) \
-        and call.func.id not in _imports(file) and not hasattr(builtins, call.func.id)
+    """A call of a function taken from a table (``fn(...)`` after ``fn, kwargs = TABLE[name]`` or in a loop over
+    one): the function is not named at the call, so any keyword there may be the function's. A name bound to a
+    known callable (an import, a ``def``, a lambda) or a parameter (``binds(...)``) is not one."""
+    return isinstance(call.func, ast.Name) and call.func.id in _table_bound(file) \
+        and call.func.id not in _definitions(_tree(TESTS / file)) and call.func.id not in _imports(file) \
+        and call.func.id not in _bound_functions(file) and not hasattr(builtins, call.func.id)
 
 
 def sets_keyword(ref: Ref, kw: Keyword) -> bool:
