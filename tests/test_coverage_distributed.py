@@ -18,8 +18,8 @@ import rlloss
 import rlloss.distributed
 from helpers import gloo_rank, spawn_ranks
 
-WORLD = 2
-MEMBERS = [1]
+WORLD = 3
+MEMBERS = [1, 2]  # two members, so a missing reduction shows; rank 0 outside, so the world's would too
 SPAWN_TIMEOUT_S = 180.0
 FRACTION = 0.3
 

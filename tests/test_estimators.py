@@ -165,7 +165,7 @@ def test_gpg_with_negative_scores_matches_a_float64_loop(singleton):
     scores = [-1.0, 0.0, 2.0, -0.5, 0.0, 0.0, -3.0, 1.0, 4.0]
     groups = [0, 0, 0, 1, 1, 2, 2, 2, 3]  # group 3 a singleton
     lengths = [2, 3, 1, 3, 2, 3, 1, 2, 3]
-    alpha = len(scores) / max(sum(1 for s in scores if s != 0), 1)  # 6 non-zero of 9, 4 of them negative
+    alpha = len(scores) / max(sum(1 for s in scores if s != 0), 1)  # 6 non-zero of 9, 3 of them negative
     want = []
     for i, s in enumerate(scores):
         members = [scores[j] for j in range(len(scores)) if groups[j] == groups[i]]

@@ -585,7 +585,8 @@ def test_surrogate_functions_match_the_oracle_per_token(function, backend):
         # reference only (a per-row loss, or a selection over the whole call): refused by name, never a silent
         # fallback to the reference
         with pytest.raises(ValueError, match='backend="triton" does not run'):
-            fn(pb.logp.float(), pb.old.float(), pb.adv.float(), pb.mask, **kwargs, backend=backend)
+            fn(*(x.to(DEVICE, torch.float32) for x in (pb.logp, pb.old, pb.adv)), pb.mask.to(DEVICE), **kwargs,
+               backend=backend)
         return
     pb.mask[1, :3] = True  # no empty row: every row has a value to compare
     leaf = pb.logp.clone().requires_grad_(True)
