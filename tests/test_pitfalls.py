@@ -285,11 +285,12 @@ def _empty_problem():
     return p
 
 
-def _record(fn, action="always"):
+def _record(fn, action="always", category=rlloss.EmptyBatchWarning):
+    """The warnings of ``category`` that ``fn()`` issues under the filter ``action``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter(action)
         fn()
-    return [w for w in caught if issubclass(w.category, rlloss.EmptyBatchWarning)]
+    return [w for w in caught if issubclass(w.category, category)]
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the warning reads the count only where it is on the host")
@@ -480,10 +481,7 @@ def test_from_logits_counts_what_its_log_probs_carry(backend):
 
 
 def _suspicious(fn, action="always"):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter(action)
-        fn()
-    return [w for w in caught if issubclass(w.category, rlloss.SuspiciousInputWarning)]
+    return _record(fn, action, category=rlloss.SuspiciousInputWarning)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the warning reads the counts only where they are on the host")
