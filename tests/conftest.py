@@ -66,11 +66,11 @@ def _pause_coverage_inside_interpreted_kernels() -> None:
         return
     try:
         import coverage
-        from triton.runtime.interpreter import GridExecutor
     except ImportError:
         return
     if coverage.Coverage.current() is None:
-        return
+        return  # not measuring: nothing to pause, and triton stays unimported until a test needs it
+    from triton.runtime.interpreter import GridExecutor
     launch = GridExecutor.__call__
 
     def launch_untraced(self, *args, **kwargs):
